@@ -1,0 +1,49 @@
+"""What every entry point shares: the recipe options and turning a user's mistake into one line."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from soups import SoupsError
+from soups.recipe import OPTION_FIELDS
+
+DEFAULT_RECIPE = "configs/demo.yaml"
+
+_TYPES = {bool: click.BOOL, int: click.INT, float: click.FLOAT, str: click.STRING}
+
+
+def recipe_options(command: Callable) -> Callable:
+    """Add `--recipe` and one option per recipe field (named as in the recipe and in MLflow's
+    `-P key=value`, which `mlflow run` appends as `--key value`). Options left out keep the
+    recipe's value."""
+    for f in reversed(OPTION_FIELDS):
+        kind = _TYPES[type(f.default)]
+        choices = f.metadata.get("choices")
+        command = click.option(
+            f"--{f.name}",
+            type=click.Choice(choices) if choices else kind,
+            default=None,
+            help=f"{f.metadata['help']} [built-in: {f.default!r}; the recipe may set it]",
+        )(command)
+    return click.option(
+        "--recipe",
+        default=DEFAULT_RECIPE,
+        show_default=True,
+        type=click.Path(dir_okay=False),
+        help="Recipe YAML: dataset, model, pretrained weights and the sweep's search space.",
+    )(command)
+
+
+def run_cli(step: Callable[[], Any]) -> Any:
+    """Run a step; a SoupsError becomes `Error: <one line>` and exit code 1, never a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("mlflow", "alembic", "urllib3", "timm"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return step()
+    except SoupsError as e:
+        raise click.ClickException(" ".join(str(e).split())) from None

@@ -1,0 +1,85 @@
+"""One fine-tune, recipe in, tracked ingredient run out: the wiring between data, models, the
+training loop and the tracking contract."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+from soups import data, tracking
+from soups.augment import pipeline
+from soups.evaluate import EvalSet
+from soups.models import Checkpoint, create_model, normalisation, save_checkpoint
+from soups.recipe import Recipe, params, to_yaml
+from soups.train import TrainConfig, fit
+
+log = logging.getLogger(__name__)
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train_loader(splits: data.Splits, recipe: Recipe) -> tuple[torch.utils.data.DataLoader, int]:
+    """Batches of the training split with the recipe's augmentation; decoded images stay in
+    memory when they fit in `cache_mb`. Returns the loader and how many images were skipped."""
+    size, skipped = recipe.img_size, 0
+    source: data.Decoded | data.Samples = splits.train
+    if data.fits_in_memory(splits.train, size, recipe.cache_mb):
+        source = data.decode(splits.train, size, recipe.workers, recipe.skip_bad, "decode train")
+        skipped = len(source.skipped)
+    transform = pipeline(recipe.aug, size, recipe.seed)
+
+    def seed_worker(worker_id: int) -> None:  # distinct, reproducible augmentation per worker
+        if transform is not None:
+            transform.set_random_seed(torch.initial_seed() % 2**32)
+
+    loader = torch.utils.data.DataLoader(
+        data.ImageDataset(source, size, transform),
+        batch_size=recipe.batch_size,
+        shuffle=True,
+        drop_last=len(source.labels) > recipe.batch_size,  # a size-1 last batch breaks BatchNorm
+        num_workers=recipe.workers,
+        worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(recipe.seed),
+        persistent_workers=False,
+    )
+    return loader, skipped
+
+
+def finetune(recipe: Recipe) -> str:
+    """Fine-tune sweep member `recipe.i` and log it as an ingredient run; returns the run id."""
+    with tracking.start("ingredient", recipe.experiment) as run:
+        run.log_params(params(recipe))
+        run.log_recipe(to_yaml(recipe))
+        torch.manual_seed(recipe.seed)
+        splits = data.load_splits(recipe)
+        run.log_split(splits.fingerprint)
+        classes = splits.train.classes
+        pretrained = recipe.pretrained
+        if tracking.is_mlflow_uri(pretrained):
+            pretrained = str(tracking.fetch(pretrained))
+        model = create_model(recipe.model, len(classes), pretrained)
+        mean, std = normalisation(model)
+        loader, skipped = train_loader(splits, recipe)
+        val = data.decode(splits.val, recipe.img_size, recipe.workers, recipe.skip_bad, "decode val")
+        run.log_params(
+            {"num_classes": len(classes), "n_train": len(loader.dataset), "n_val": len(val.labels),
+             "n_test": len(splits.test), "skipped_images": skipped + len(val.skipped)}
+        )  # fmt: skip
+        cfg = TrainConfig(
+            recipe.epochs, recipe.lr, recipe.weight_decay, recipe.warmup, recipe.clip_grad,
+            recipe.label_smoothing, recipe.batch_size,
+        )  # fmt: skip
+        fit(model, loader, EvalSet.from_decoded(val, len(classes)), cfg, mean, std, device(), run.log_epoch)
+        ckpt = Checkpoint(
+            model.state_dict(), recipe.model, len(classes), list(classes), recipe.img_size,
+            splits.fingerprint, mean, std,
+        )  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.pt"
+            run.log_checkpoint(path, save_checkpoint(ckpt, path))
+    return run.id

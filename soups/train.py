@@ -1,0 +1,109 @@
+"""The fine-tuning loop: AdamW, warmup + cosine, gradient clipping, label smoothing; bf16 autocast
+and channels_last on CUDA. No MLflow here: each epoch is reported through `on_epoch`."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from soups import SoupsError
+from soups.data import model_input
+from soups.evaluate import EvalSet, autocast, metrics, predict
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int
+    lr: float
+    weight_decay: float
+    warmup: float
+    clip_grad: float
+    label_smoothing: float
+    batch_size: int
+
+
+def warmup_cosine(total: int, warmup: int) -> Callable[[int], float]:
+    """LR multiplier at step s: linear warmup to 1, then cosine decay to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def fit(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    val: EvalSet,
+    cfg: TrainConfig,
+    mean: list[float],
+    std: list[float],
+    device: torch.device | str = "cpu",
+    on_epoch: Callable[[int, dict[str, float]], None] = lambda epoch, m: None,
+) -> dict[str, float]:
+    """Fine-tune `model` in place; returns the last epoch's metrics. `on_epoch(epoch, metrics)`
+    gets train_loss, val_loss, val_accuracy, val_f1 and images_per_s after each epoch (1-based)."""
+    device = torch.device(device)
+    if cfg.epochs < 1:
+        raise SoupsError(f"epochs={cfg.epochs} must be >= 1")
+    if len(loader) == 0:
+        raise SoupsError(f"no training batches: {len(loader.dataset)} images, batch_size={cfg.batch_size}")
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]  # norms, biases
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+    )
+    total = cfg.epochs * len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, int(cfg.warmup * total)))
+    last: dict[str, float] = {}
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        seen, loss_sum, start = 0, 0.0, time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, mininterval=1.0)
+        for step, (images, labels) in enumerate(bar):
+            x = model_input(images.to(device, non_blocking=True), mean, std)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = labels.to(device, non_blocking=True)
+            with autocast(device):
+                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+            if not torch.isfinite(loss):
+                raise SoupsError(
+                    f"loss became {loss.item()} at epoch {epoch}, step {step}: lower lr (now {cfg.lr:g})"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            opt.step()
+            sched.step()
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            bar.set_postfix(
+                loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False
+            )
+        elapsed = time.perf_counter() - start
+        scores = metrics(predict(model, val, mean, std, cfg.batch_size * 2, device), val.labels)
+        last = {
+            "train_loss": loss_sum / seen,
+            "val_loss": scores["loss"],
+            "val_accuracy": scores["accuracy"],
+            "val_f1": scores["f1"],
+            "images_per_s": seen / elapsed,
+        }
+        on_epoch(epoch, last)
+    return last
