@@ -11,7 +11,8 @@ from soups import tracking
 def main(experiment: str) -> None:
     uri = tracking.configure()
     table = pd.DataFrame(tracking.ingredient_table(tracking.ranked_ingredients(experiment)))
-    table = table.apply(lambda col: pd.to_numeric(col, errors="ignore") if col.name != "run_id" else col)
+    for col in ("lr", "weight_decay", "label_smoothing"):
+        table[col] = pd.to_numeric(table[col])
     with pd.option_context("display.float_format", "{:.4g}".format, "display.width", 160):
         click.echo(table.to_string(index=False))
     click.echo(f"\nSee the runs: mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
