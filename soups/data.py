@@ -301,7 +301,7 @@ def load_splits(recipe) -> Splits:
 
 def resized(img: Image.Image, size: int) -> np.ndarray:
     """Resize the shorter side to `size` and crop the centre square: HxWx3 uint8."""
-    return np.asarray(ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR))
+    return np.array(ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR))
 
 
 @dataclass(frozen=True)
@@ -315,7 +315,9 @@ class Decoded:
     skipped: list[str]  # keys of unreadable images left out (skip_bad)
 
 
-def decode(samples: Samples, size: int, workers: int = 2, skip_bad: bool = False, desc: str = "decode") -> Decoded:
+def decode(
+    samples: Samples, size: int, workers: int = 2, skip_bad: bool = False, desc: str = "decode"
+) -> Decoded:
     """Decode every image of `samples` at `size` (threads: PIL releases the GIL while decoding)."""
 
     def one(j: int) -> np.ndarray | None:

@@ -29,9 +29,7 @@ def create_model(name: str, num_classes: int, pretrained: str = "none") -> nn.Mo
     come from (see `resolve_pretrained`). MLflow URIs must be turned into files first."""
     if not timm.is_model(name):
         close = timm.list_models(f"*{name[:6]}*")[:5]
-        raise SoupsError(
-            f"unknown timm model {name!r}" + (f" (close: {', '.join(close)})" if close else "")
-        )
+        raise SoupsError(f"unknown timm model {name!r}" + (f" (close: {', '.join(close)})" if close else ""))
     from_hub = pretrained == "timm"
     try:
         model = timm.create_model(name, pretrained=from_hub, num_classes=num_classes)

@@ -114,9 +114,7 @@ def draw(space: dict, i: int) -> dict[str, Any]:
     for key in sorted(space):  # fixed order: adding a key never reshuffles by dict order
         spec = space[key]
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-            raise SoupsError(
-                f"space.{key} must be one of {{{'|'.join(DISTRIBUTIONS)}: [...]}}, got {spec!r}"
-            )
+            raise SoupsError(f"space.{key} must be one of {{{'|'.join(DISTRIBUTIONS)}: [...]}}, got {spec!r}")
         kind, arg = next(iter(spec.items()))
         if kind == "choice":
             value = arg[int(rng.integers(len(arg)))]

@@ -79,7 +79,10 @@ def experiment_id(name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
-            raise SoupsError(f"experiment {name!r} is deleted: restore it (`mlflow experiments restore`) or pick another name")
+            raise SoupsError(
+                f"experiment {name!r} is deleted: restore it (`mlflow experiments restore`) "
+                "or pick another name"
+            )
         return exp.experiment_id
     try:
         return client.create_experiment(name)
@@ -102,9 +105,7 @@ class Run:
         values as typed (`1e-3`, quoted paths); re-logging a param with another string raises."""
         held = self.client.get_run(self.id).data.params
         items = [
-            mlflow.entities.Param(k, str(v)[:MAX_PARAM_LENGTH])
-            for k, v in params.items()
-            if k not in held
+            mlflow.entities.Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items() if k not in held
         ]
         for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(self.id, params=items[start : start + MAX_PARAMS_PER_BATCH])

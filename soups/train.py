@@ -94,7 +94,9 @@ def fit(
             seen += len(y)
             loss_sum += loss.item() * len(y)
             bar.set_postfix(
-                loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False
+                loss=f"{loss_sum / seen:.3f}",
+                img_s=f"{seen / (time.perf_counter() - start):.0f}",
+                refresh=False,
             )
         elapsed = time.perf_counter() - start
         scores = metrics(predict(model, val, mean, std, cfg.batch_size * 2, device), val.labels)

@@ -1,0 +1,97 @@
+"""Generated datasets on disk (real JPEG/PNG/IDX files) and tiny recipes for the tests."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
+
+
+def write_image(path: Path, rng: np.random.Generator, shade: int, size=(24, 32)) -> None:
+    """A real image whose mean colour carries the class, so tiny models can learn it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = np.full((*size, 3), shade, np.uint8)
+    noise = rng.integers(0, 40, (*size, 3), dtype=np.uint8)
+    Image.fromarray(np.clip(base.astype(int) + noise, 0, 255).astype(np.uint8)).save(path)
+
+
+MASK_STEMS = ["mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal"]
+
+
+def make_mask_dataset(root: Path, persons: int = 12, seed: int = 0) -> Path:
+    """<root>/train/images/<id>_<gender>_Asian_<age>/ with all seven images per person."""
+    rng = np.random.default_rng(seed)
+    ages = [20, 45, 65]
+    for p in range(persons):
+        gender = ("male", "female")[p % 2]
+        folder = root / "train" / "images" / f"{p:06d}_{gender}_Asian_{ages[p % 3]}"
+        for k, stem in enumerate(MASK_STEMS):
+            ext = ".png" if k == 6 else ".jpg"
+            mask = 0 if k < 5 else (1 if k == 5 else 2)
+            write_image(folder / f"{stem}{ext}", rng, 40 + 80 * mask)
+    return root
+
+
+def make_imagefolder(root: Path, classes=("cat", "dog", "fox"), per_class: int = 8, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        for k in range(per_class):
+            write_image(root / name / f"{k:03d}.jpg", rng, 30 + 90 * c)
+    return root
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def make_fashion_mnist(root: Path, n_train: int = 200, n_test: int = 50, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n)
+        images = (labels[:, None, None] * 25 + rng.integers(0, 20, (n, 28, 28))).astype(np.uint8)
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+def write_recipe(path: Path, **values) -> Path:
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+TINY = dict(
+    model="test_efficientnet", pretrained="none", img_size=32, batch_size=8, epochs=2, lr=3e-3,
+    workers=0, val_ratio=0.25, test_ratio=0.25,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def mask_root(tmp_path_factory) -> Path:
+    return make_mask_dataset(tmp_path_factory.mktemp("mask"))
+
+
+@pytest.fixture(scope="session")
+def fmnist_root(tmp_path_factory) -> Path:
+    return make_fashion_mnist(tmp_path_factory.mktemp("fmnist"))
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite store for this test only."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    return uri
