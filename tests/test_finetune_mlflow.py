@@ -125,3 +125,32 @@ def test_bad_parameters_fail_in_one_line(tracking_uri, recipe, args, message):
     out = run([sys.executable, "entrypoints/finetune.py", "--recipe", str(recipe), *args], tracking_uri)
     assert out.returncode != 0 and message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_ctrl_c_ends_the_run_killed_without_checkpoint(tracking_uri, recipe):
+    import signal
+    import time
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    env.pop("MLFLOW_RUN_ID", None)
+    proc = subprocess.Popen(
+        [sys.executable, "entrypoints/finetune.py", "--recipe", str(recipe), "--epochs", "500"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    client = mlflow.MlflowClient(tracking_uri)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until training is under way: an epoch has been logged
+        time.sleep(0.5)
+        runs = (
+            client.search_runs([e.experiment_id for e in client.search_experiments()])
+            if proc.poll() is None
+            else []
+        )
+        if runs and "val_accuracy" in runs[0].data.metrics:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0, err[-2000:]
+    _, r = only_run(tracking_uri)
+    assert r.info.status == "KILLED"
+    assert client.list_artifacts(r.info.run_id, "checkpoint") == []
