@@ -85,3 +85,58 @@ def metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         "loss": float(F.cross_entropy(logits, labels.long())) if len(labels) else 0.0,
         "correct": correct,
     }
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def recalibrate_bn(model: nn.Module, images: EvalSet, mean, std, batch_size: int, device) -> None:
+    """Recompute BatchNorm running statistics on `images` (averaged weights make the averaged
+    statistics wrong). torch's SWA helper does the bookkeeping."""
+    device = torch.device(device)
+    batches = (model_input(x.to(device), mean, std) for x, _ in images.batches(batch_size))
+    with autocast(device):
+        torch.optim.swa_utils.update_bn(batches, model)
+
+
+class Scorer:
+    """Scores state dicts of one architecture on a held-out set decoded once; counts every image
+    it scores. With `bn_images`, averaged weights get their BatchNorm statistics recomputed on
+    those (training) images before scoring."""
+
+    def __init__(self, model: nn.Module, held_out: EvalSet, mean, std, batch_size: int = 256,
+                 device: torch.device | str = "cpu", bn_images: EvalSet | None = None):  # fmt: skip
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.held_out, self.mean, self.std = held_out, mean, std
+        self.batch_size, self.bn_images = batch_size, bn_images
+        self.images_scored = 0
+
+    def load(self, state: dict[str, torch.Tensor], averaged: bool) -> nn.Module:
+        self.model.load_state_dict(state)
+        if averaged and self.bn_images is not None:
+            recalibrate_bn(self.model, self.bn_images, self.mean, self.std, self.batch_size, self.device)
+        return self.model.eval()
+
+    @torch.inference_mode()
+    def correct(
+        self, state: dict[str, torch.Tensor], max_errors: int | None = None, averaged: bool = True
+    ) -> int | None:
+        """Correct predictions on the held-out set, or None once errors exceed `max_errors`."""
+        model = self.load(state, averaged)
+        errors = 0
+        for images, labels in self.held_out.batches(self.batch_size):
+            with autocast(self.device):
+                preds = model(model_input(images.to(self.device), self.mean, self.std)).argmax(1).cpu()
+            errors += int((preds != labels).sum())
+            self.images_scored += len(labels)
+            if max_errors is not None and errors > max_errors:
+                return None
+        return len(self.held_out) - errors
+
+    def logits(
+        self, state: dict[str, torch.Tensor], evalset: EvalSet | None = None, averaged: bool = True
+    ) -> torch.Tensor:
+        model = self.load(state, averaged)
+        return predict(model, evalset or self.held_out, self.mean, self.std, self.batch_size, self.device)

@@ -1,0 +1,224 @@
+import gc
+import itertools
+
+import pytest
+import torch
+
+from soups import SoupsError
+from soups.data import decode, make_splits, read_layout
+from soups.evaluate import EvalSet, Scorer
+from soups.models import create_model, normalisation
+from soups.soup import SOUP_METHODS, Candidate, RunningAverage, greedy_soup, uniform_soup
+from tests.conftest import make_imagefolder
+
+N = 6
+
+
+def onehot(i: int) -> dict:
+    """Ingredient i: a tensor whose mean over a soup reveals which ingredients are in it."""
+    w = torch.zeros(N)
+    w[i] = 1.0
+    return {"w": w, "steps": torch.tensor(10 + i)}
+
+
+def members(state) -> frozenset:
+    return frozenset(int(j) for j in torch.nonzero(state["w"]).flatten())
+
+
+def fake_score(table, held_out=100):
+    """Correct count of each set of ingredients from `table` (default 0), honouring max_errors."""
+    calls = []
+
+    def score(state, max_errors=None, averaged=True):
+        correct = table.get(members(state), 0)
+        calls.append((members(state), max_errors))
+        if max_errors is not None and held_out - correct > max_errors:
+            return None
+        return correct
+
+    return score, calls
+
+
+def cands(order):
+    return [Candidate(f"run{i}", lambda i=i: onehot(i)) for i in order]
+
+
+def test_running_average_equals_the_naive_mean_and_copies_integer_buffers():
+    torch.manual_seed(0)
+    states = [{"a": torch.randn(4, 3), "h": torch.randn(2).half(), "n": torch.tensor(k)} for k in range(5)]
+    avg = uniform_soup(states)
+    assert torch.allclose(avg["a"], torch.stack([s["a"] for s in states]).mean(0), atol=1e-6)
+    assert avg["h"].dtype == torch.float16
+    assert avg["n"].dtype == torch.int64 and int(avg["n"]) == 0, "integer buffer copied from the first"
+    r = RunningAverage()
+    r.add(states[0])
+    assert torch.allclose(r.average(plus=states[1])["a"], (states[0]["a"] + states[1]["a"]) / 2)
+    assert r.count == 1, "average(plus=...) does not add"
+
+
+def test_float64_sum_is_exact_where_float32_drifts():
+    states = [{"a": torch.tensor([1e8 + k], dtype=torch.float32)} for k in (0, 1, 2, 3)]
+    assert float(uniform_soup(states)["a"]) == pytest.approx(1e8 + 1.5, abs=8)
+
+
+def test_mismatching_state_dicts_are_named():
+    r = RunningAverage()
+    r.add({"a": torch.zeros(2), "b": torch.zeros(3)})
+    assert "key b missing" in r.mismatch({"a": torch.zeros(2)})
+    assert "shape of b is (4,)" in r.mismatch({"a": torch.zeros(2), "b": torch.zeros(4)})
+    with pytest.raises(SoupsError, match="shape of b"):
+        r.add({"a": torch.zeros(2), "b": torch.zeros(4)})
+
+
+def test_greedy_follows_the_papers_recipe():
+    table = {
+        frozenset({0}): 80,
+        frozenset({0, 1}): 82,  # improves: kept
+        frozenset({0, 1, 2}): 81,  # worse: dropped
+        frozenset({0, 1, 3}): 82,  # equal: kept under >=
+        frozenset({0, 1, 3, 4}): 90,
+    }
+    score, _ = fake_score(table)
+    result = greedy_soup(cands(range(5)), score, held_out=100)
+    assert result.ingredients == ["run0", "run1", "run3", "run4"]
+    assert result.correct == 90 and result.best_correct == 80
+    assert members(result.state_dict) == {0, 1, 3, 4}
+    assert [s.accepted for s in result.steps] == [True, True, False, True, True]
+    assert members(result.uniform) == {0, 1, 2, 3, 4} and result.uniform_count == 5
+
+
+def test_strict_tie_rule_drops_equal_scores():
+    table = {frozenset({0}): 80, frozenset({0, 1}): 80, frozenset({0, 2}): 81}
+    score, _ = fake_score(table)
+    assert greedy_soup(cands(range(3)), score, 100, tie="strict").ingredients == ["run0", "run2"]
+    score, _ = fake_score(table)
+    assert greedy_soup(cands(range(3)), score, 100, tie="ge").ingredients == ["run0", "run1"]
+    with pytest.raises(SoupsError, match="tie='gt'"):
+        greedy_soup(cands(range(3)), score, 100, tie="gt")
+
+
+def test_early_rejection_bound_follows_the_tie_rule():
+    score, calls = fake_score({frozenset({0}): 70})
+    greedy_soup(cands(range(2)), score, 100, tie="ge")
+    assert calls[1] == (frozenset({0, 1}), 30), "may make as many errors as the soup, not more"
+    score, calls = fake_score({frozenset({0}): 70})
+    greedy_soup(cands(range(2)), score, 100, tie="strict")
+    assert calls[1] == (frozenset({0, 1}), 29)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_greedy_never_scores_below_its_best_ingredient(seed):
+    g = torch.Generator().manual_seed(seed)
+    subsets = [frozenset(c) for k in range(1, N + 1) for c in itertools.combinations(range(N), k)]
+    table = {s: int(torch.randint(0, 101, (1,), generator=g)) for s in subsets}
+    score, _ = fake_score(table)
+    result = greedy_soup(cands(range(N)), score, 100)
+    assert result.correct >= result.best_correct == table[frozenset({0})]
+    assert result.correct == table[members(result.state_dict)]
+
+
+def test_broken_and_incompatible_candidates_are_skipped_with_reasons():
+    def broken():
+        raise SoupsError("checkpoint sha256 mismatch")
+
+    odd = Candidate("odd", lambda: {"w": torch.zeros(N + 1), "steps": torch.tensor(0)})
+    score, _ = fake_score({frozenset({0}): 50, frozenset({0, 2}): 60})
+    result = greedy_soup([Candidate("bad", broken), *cands([0]), odd, *cands([2])], score, 100)
+    assert result.ingredients == ["run0", "run2"]
+    reasons = {s.name: s.reason for s in result.steps}
+    assert reasons["bad"] == "checkpoint sha256 mismatch" and "shape of w" in reasons["odd"]
+    with pytest.raises(SoupsError, match="no usable ingredient: bad: checkpoint sha256"):
+        greedy_soup([Candidate("bad", broken)], score, 100)
+
+
+def test_uniform_method_averages_every_usable_candidate():
+    score, _ = fake_score({frozenset({0}): 50, frozenset({0, 1, 2}): 40})
+    result = SOUP_METHODS["uniform"](cands(range(3)), score, 100)
+    assert members(result.state_dict) == {0, 1, 2} and result.correct == 40 and result.best_correct == 50
+
+
+# --- with real models -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny BatchNorm model fine-tuned briefly, its held-out set, and its training images."""
+    root = make_imagefolder(tmp_path_factory.mktemp("soupdata"), per_class=20)
+    splits = make_splits(read_layout("imagefolder", root), 0.3, 0.0, 0)
+    torch.manual_seed(0)
+    model = create_model("test_efficientnet", 3)
+    mean, std = normalisation(model)
+    train = EvalSet.from_decoded(decode(splits.train, 24), 3)
+    val = EvalSet.from_decoded(decode(splits.val, 24), 3)
+    from soups.data import model_input
+
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(15):
+        for x, y in train.batches(8):
+            loss = torch.nn.functional.cross_entropy(model(model_input(x, mean, std)), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model, val, train, mean, std
+
+
+def noisy(state, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+        for k, v in state.items()
+    }
+
+
+def test_early_rejection_keeps_the_picks_of_a_full_evaluation(trained):
+    model, val, _, mean, std = trained
+    base = model.state_dict()
+    ingredients = [noisy(base, s, i) for i, s in enumerate([0.0, 0.02, 0.5, 0.01, 1.0, 0.03, 0.8])]
+    early = Scorer(create_model("test_efficientnet", 3), val, mean, std, batch_size=4)
+    full = Scorer(create_model("test_efficientnet", 3), val, mean, std, batch_size=4)
+    picked = greedy_soup(cands_of(ingredients), early.correct, len(val))
+    reference = greedy_soup(cands_of(ingredients), lambda s, m, a: full.correct(s, None, a), len(val))
+    assert picked.ingredients == reference.ingredients and picked.correct == reference.correct
+    assert len(picked.ingredients) < len(ingredients), "the large-noise candidates are refused"
+    assert early.images_scored < full.images_scored == len(ingredients) * len(val)
+
+
+def cands_of(states):
+    return [
+        Candidate(f"m{i}", lambda s=s: {k: v.clone() for k, v in s.items()}) for i, s in enumerate(states)
+    ]
+
+
+def test_bn_recalibration_recomputes_running_statistics(trained):
+    model, val, train, mean, std = trained
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["bn1.running_mean"] += 5.0  # what averaging can do to statistics
+    scorer = Scorer(create_model("test_efficientnet", 3), val, mean, std, bn_images=train)
+    scorer.load(state, averaged=True)
+    fixed = scorer.model.state_dict()["bn1.running_mean"]
+    assert not torch.allclose(fixed, state["bn1.running_mean"])
+    assert torch.allclose(fixed, model.state_dict()["bn1.running_mean"], atol=0.5)
+    scorer.load(state, averaged=False)
+    assert torch.equal(scorer.model.state_dict()["bn1.running_mean"], state["bn1.running_mean"])
+
+
+def test_soup_memory_is_flat_in_the_number_of_candidates(trained):
+    """Count tensors alive while each candidate soup is scored: no more with 12 candidates than with 3."""
+    model, val, _, mean, std = trained
+    base = model.state_dict()
+    peaks = {}
+    for n in (3, 12):
+        scorer = Scorer(create_model("test_efficientnet", 3), val, mean, std)
+        peak = 0
+
+        def score(state, max_errors, averaged, scorer=scorer):
+            nonlocal peak
+            gc.collect()
+            peak = max(peak, sum(isinstance(o, torch.Tensor) for o in gc.get_objects()))
+            return scorer.correct(state, max_errors, averaged)
+
+        stream = (Candidate(f"m{i}", lambda i=i: noisy(base, 0.001, i)) for i in range(n))
+        greedy_soup(stream, score, len(val))
+        peaks[n] = peak
+    assert peaks[12] <= peaks[3] + 5, peaks
