@@ -16,11 +16,15 @@ DEFAULT_RECIPE = "configs/demo.yaml"
 _TYPES = {bool: click.BOOL, int: click.INT, float: click.FLOAT, str: click.STRING}
 
 
-def recipe_options(command: Callable) -> Callable:
-    """Add `--recipe` and one option per recipe field (named as in the recipe and in MLflow's
-    `-P key=value`, which `mlflow run` appends as `--key value`). Options left out keep the
-    recipe's value."""
-    for f in reversed(OPTION_FIELDS):
+def recipe_options(*names: str) -> Callable[[Callable], Callable]:
+    """Add `--recipe` and one option per recipe field (all, or those named), named as in the
+    recipe and in MLflow's `-P key=value`, which `mlflow run` appends as `--key value`. Options
+    left out keep the recipe's value."""
+    return lambda command: _add_recipe_options(command, names)
+
+
+def _add_recipe_options(command: Callable, names: tuple[str, ...]) -> Callable:
+    for f in reversed([f for f in OPTION_FIELDS if not names or f.name in names]):
         kind = _TYPES[type(f.default)]
         choices = f.metadata.get("choices")
         command = click.option(
@@ -36,6 +40,11 @@ def recipe_options(command: Callable) -> Callable:
         type=click.Path(dir_okay=False),
         help="Recipe YAML: dataset, model, pretrained weights and the sweep's search space.",
     )(command)
+
+
+def given(values: dict[str, Any]) -> dict[str, Any]:
+    """The options the user actually passed."""
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def run_cli(step: Callable[[], Any]) -> Any:

@@ -12,7 +12,7 @@ from soups.recipe import load_recipe
     "per-epoch metrics, val_accuracy and checkpoint/model.pt. Any option overrides the recipe "
     "and the hyperparameters drawn for I."
 )
-@recipe_options
+@recipe_options()
 def main(recipe: str, **overrides) -> None:
     run_id = run_cli(lambda: finetune(load_recipe(recipe, overrides)))
     click.echo(f"ingredient run {run_id}")

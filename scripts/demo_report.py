@@ -10,7 +10,9 @@ from soups import tracking
 @click.option("--experiment", required=True, help="Experiment the demo ran in.")
 def main(experiment: str) -> None:
     uri = tracking.configure()
-    table = pd.DataFrame(tracking.ingredient_table(tracking.ranked_ingredients(experiment)))
+    table = pd.DataFrame(
+        tracking.ingredient_table(tracking.ranked_ingredients(tracking.find_experiment(experiment)))
+    )
     for col in ("lr", "weight_decay", "label_smoothing"):
         table[col] = pd.to_numeric(table[col])
     with pd.option_context("display.float_format", "{:.4g}".format, "display.width", 160):

@@ -35,6 +35,10 @@ class EvalSet:
             yield self.images[start : start + batch_size], self.labels[start : start + batch_size]
 
 
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; plain fp32 elsewhere (CPU bf16 is slower than fp32 on most CPUs)."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()

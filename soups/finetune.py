@@ -11,16 +11,12 @@ import torch
 
 from soups import data, tracking
 from soups.augment import pipeline
-from soups.evaluate import EvalSet
+from soups.evaluate import EvalSet, default_device
 from soups.models import Checkpoint, create_model, normalisation, save_checkpoint
 from soups.recipe import Recipe, params, to_yaml
 from soups.train import TrainConfig, fit
 
 log = logging.getLogger(__name__)
-
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def train_loader(splits: data.Splits, recipe: Recipe) -> tuple[torch.utils.data.DataLoader, int]:
@@ -74,7 +70,16 @@ def finetune(recipe: Recipe) -> str:
             recipe.epochs, recipe.lr, recipe.weight_decay, recipe.warmup, recipe.clip_grad,
             recipe.label_smoothing, recipe.batch_size,
         )  # fmt: skip
-        fit(model, loader, EvalSet.from_decoded(val, len(classes)), cfg, mean, std, device(), run.log_epoch)
+        fit(
+            model,
+            loader,
+            EvalSet.from_decoded(val, len(classes)),
+            cfg,
+            mean,
+            std,
+            default_device(),
+            run.log_epoch,
+        )
         ckpt = Checkpoint(
             model.state_dict(), recipe.model, len(classes), list(classes), recipe.img_size,
             splits.fingerprint, mean, std,

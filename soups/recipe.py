@@ -160,3 +160,10 @@ def params(recipe: Recipe) -> dict[str, Any]:
 
 def to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False)
+
+
+def from_params(logged: dict[str, str], overrides: dict[str, Any] | None = None) -> Recipe:
+    """The recipe a run was trained with, rebuilt from its params (what the run recorded is the
+    truth downstream), with explicit overrides such as a `data` folder that moved."""
+    known = {f.name for f in OPTION_FIELDS}
+    return load_recipe(None, {**{k: v for k, v in logged.items() if k in known}, **(overrides or {})})

@@ -92,9 +92,13 @@ class Candidate:
 class Step:
     rank: int
     name: str
-    accepted: bool
+    status: str  # kept | not kept | skipped (unreadable or incompatible: never scored)
     reason: str
-    soup_correct: int | None  # held-out correct of the soup after this step (None: skipped)
+    soup_correct: int | None  # held-out correct count of the soup after this step
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == "kept"
 
 
 @dataclass
@@ -122,17 +126,17 @@ def greedy_soup(candidates: Iterable[Candidate], score: Score, held_out: int, ti
         try:
             state = cand.load()
         except SoupsError as e:
-            steps.append(Step(rank, cand.name, False, str(e), None))
+            steps.append(Step(rank, cand.name, "skipped", str(e), None))
             continue
         if not soup.count:  # the best loadable ingredient starts the soup
             soup.add(state)
             everything.add(state)
             best = current = score(state, None, False)
             names.append(cand.name)
-            steps.append(Step(rank, cand.name, True, "best ingredient", current))
+            steps.append(Step(rank, cand.name, "kept", "best ingredient", current))
             continue
         if reason := soup.mismatch(state):
-            steps.append(Step(rank, cand.name, False, f"incompatible: {reason}", current))
+            steps.append(Step(rank, cand.name, "skipped", f"incompatible: {reason}", current))
             continue
         everything.add(state)
         allowed = held_out - current - (tie == "strict")  # errors the candidate soup may make
@@ -142,11 +146,11 @@ def greedy_soup(candidates: Iterable[Candidate], score: Score, held_out: int, ti
             names.append(cand.name)
             current = correct
             steps.append(
-                Step(rank, cand.name, True, "kept: soup improved" if correct > best else "kept", current)
+                Step(rank, cand.name, "kept", "soup improved" if correct > best else "soup no worse", current)
             )
         else:
             got = "stopped early" if correct is None else f"{correct} correct"
-            steps.append(Step(rank, cand.name, False, f"not kept: {got}, soup has {current}", current))
+            steps.append(Step(rank, cand.name, "not kept", f"{got}, soup has {current}", current))
         del state
     if not soup.count:
         raise SoupsError("no usable ingredient: " + "; ".join(f"{s.name}: {s.reason}" for s in steps[:3]))
@@ -165,16 +169,16 @@ def uniform_method(
         try:
             state = cand.load()
         except SoupsError as e:
-            steps.append(Step(rank, cand.name, False, str(e), None))
+            steps.append(Step(rank, cand.name, "skipped", str(e), None))
             continue
         if reason := soup.mismatch(state):
-            steps.append(Step(rank, cand.name, False, f"incompatible: {reason}", None))
+            steps.append(Step(rank, cand.name, "skipped", f"incompatible: {reason}", None))
             continue
         if best is None:
             best = score(state, None, False)
         soup.add(state)
         names.append(cand.name)
-        steps.append(Step(rank, cand.name, True, "kept", None))
+        steps.append(Step(rank, cand.name, "kept", "uniform", None))
     if not soup.count:
         raise SoupsError("no usable ingredient: " + "; ".join(f"{s.name}: {s.reason}" for s in steps[:3]))
     state = soup.average()

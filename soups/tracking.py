@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shlex
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from soups import SoupsError
+from soups.models import sha256
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +30,17 @@ SHA256 = "soups.sha256"  # of the checkpoint artifact
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT = f"{CHECKPOINT_DIR}/model.pt"
 RECIPE = "recipe.yaml"
+INGREDIENTS = "ingredients.csv"
+GREEDY_CURVE = "greedy_curve.png"
+VAL_VS_TEST = "val_vs_test.png"
+SCORES = "scores.csv"
+MODEL_NAME = "model"  # the logged MLflow model of a soup run
 # Ranking metric and the per-epoch metrics of an ingredient run (step = epoch)
 RANK_METRIC = "val_accuracy"
 EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_f1", "images_per_s")
+GREEDY_STEP_METRIC = "greedy_val_accuracy"  # step k: the soup after k candidates
+CHAMPION = "champion"
+CACHE_ENV = "SOUPS_CACHE"  # where downloaded checkpoints are kept, by run id
 
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
 MAX_PARAM_LENGTH = 6000
@@ -122,13 +132,62 @@ class Run:
     def log_split(self, fingerprint: str) -> None:
         mlflow.set_tag(SPLIT, fingerprint)
 
-    def log_checkpoint(self, path: Path, sha256: str) -> None:
+    def log_checkpoint(self, path: Path, digest: str) -> None:
         """Upload `path` as `checkpoint/model.pt`, then tag its sha256: a run carries the tag only
         once its checkpoint is whole."""
         if Path(path).name != Path(CHECKPOINT).name:
             raise ValueError(f"checkpoint file must be named {Path(CHECKPOINT).name}")
         mlflow.log_artifact(str(path), CHECKPOINT_DIR)
-        mlflow.set_tag(SHA256, sha256)
+        mlflow.set_tag(SHA256, digest)
+
+    @property
+    def experiment_id(self) -> str:
+        return self.client.get_run(self.id).info.experiment_id
+
+    def log_table(self, frame, name: str) -> None:
+        mlflow.log_text(frame.to_csv(index=False), name)
+
+    def log_figure(self, figure, name: str) -> None:
+        import matplotlib.pyplot as plt
+
+        mlflow.log_figure(figure, name)
+        plt.close(figure)
+
+    def log_soup(self, soup) -> None:
+        """A `soup_step.SoupReport`: the soup's params, metrics, greedy curve and tables."""
+        self.log_params({"method": soup.method, "rank_by": RANK_METRIC, "tie": soup.tie,
+                         "candidates": soup.candidates, "bn_recalibrate": soup.bn_recalibrate,
+                         "filter": soup.filter or ""})  # fmt: skip
+        self.log_metrics({
+            "val_accuracy": soup.val_accuracy, "test_accuracy": soup.test_accuracy,
+            "uniform_val_accuracy": soup.uniform_val_accuracy,
+            "uniform_test_accuracy": soup.uniform_test_accuracy,
+            "best_ingredient_val_accuracy": soup.best_val_accuracy,
+            "best_ingredient_test_accuracy": soup.best_test_accuracy,
+            "n_ingredients": soup.n_ingredients, "n_usable": soup.n_usable,
+            "held_out_images_scored": soup.images_scored,
+            "held_out_images_full_evaluation": soup.images_full,
+            "checkpoints_downloaded": soup.downloaded,
+        })  # fmt: skip
+        for k, acc in soup.curve:
+            mlflow.log_metric(GREEDY_STEP_METRIC, acc, step=k)
+        self.log_table(soup.table, INGREDIENTS)
+
+    def register(self, checkpoint: Path, name: str, val_accuracy: float, split: str) -> tuple[int, str]:
+        """Log the soup as an MLflow model serving images, register it as a version of `name`, and
+        move alias `champion` to it when it beats the champion's val accuracy on the same split.
+        Returns the version and what happened to the alias."""
+        import soups
+
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            python_model=str(Path(soups.__file__).parent / "served_model.py"),
+            artifacts={"checkpoint": str(checkpoint)},
+            code_paths=[str(Path(soups.__file__).parent)],
+            registered_model_name=name,
+        )
+        version = int(info.registered_model_version)
+        return version, promote(name, version, val_accuracy, split)
 
 
 @contextmanager
@@ -151,6 +210,73 @@ def start(role: str, experiment: str) -> Iterator[Run]:
         mlflow.end_run("FAILED")
         raise
     mlflow.end_run("FINISHED")
+
+
+class SoupModel(mlflow.pyfunc.PythonModel):
+    """The registered soup as MLflow serves it: a DataFrame column `image` of base64 image bytes
+    (or an N x H x W x 3 uint8 array) in; label, class_name and probability per image out."""
+
+    def load_context(self, context):
+        from soups.models import load_checkpoint
+        from soups.predict import Predictor
+
+        self.predictor = Predictor(load_checkpoint(Path(context.artifacts["checkpoint"])))
+
+    def predict(self, context, model_input, params=None):
+        return self.predictor.predict(model_input)
+
+
+def promote(name: str, version: int, val_accuracy: float, split: str) -> str:
+    """Move alias `champion` of `name` to `version` when it beats the current champion's val
+    accuracy on the same held-out split (a tie keeps the champion)."""
+    client = MlflowClient()
+    try:
+        champ = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champ = None
+    if champ is None or champ.run_id is None:
+        client.set_registered_model_alias(name, CHAMPION, str(version))
+        return f"version {version} is the first {CHAMPION}"
+    data = client.get_run(champ.run_id).data
+    theirs, their_split = data.metrics.get(RANK_METRIC), data.tags.get(SPLIT)
+    if their_split != split:
+        return (f"{CHAMPION} stays version {champ.version}: it was scored on split {their_split}, this "
+                f"soup on {split} (move it by hand: MlflowClient().set_registered_model_alias)")  # fmt: skip
+    if theirs is None or val_accuracy > theirs:
+        client.set_registered_model_alias(name, CHAMPION, str(version))
+        return f"{CHAMPION} moved to version {version}: val {val_accuracy:.4f} beats {theirs}"
+    return f"{CHAMPION} stays version {champ.version}: val {theirs:.4f} >= this soup's {val_accuracy:.4f}"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV, "~/.cache/soups")).expanduser() / "checkpoints"
+
+
+def cached_checkpoint(run) -> tuple[Path, bool]:
+    """The checkpoint of ingredient `run`, downloaded once into the cache by run id and checked
+    against the run's sha256 tag. Returns the path and whether it was downloaded now."""
+    rid = run.info.run_id
+    digest = run.data.tags.get(SHA256)
+    if not digest:
+        raise SoupsError(f"run {rid} has no {SHA256} tag: its checkpoint was never completed")
+    dst = cache_root() / rid / Path(CHECKPOINT).name
+    if dst.is_file() and sha256(dst) == digest:
+        return dst, False
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        try:
+            got = Path(MlflowClient().download_artifacts(rid, CHECKPOINT, tmp))
+        except (MlflowException, OSError) as e:
+            raise SoupsError(
+                f"checkpoint of run {rid} cannot be downloaded: {str(e).splitlines()[0]}"
+            ) from None
+        if (actual := sha256(got)) != digest:
+            raise SoupsError(
+                f"checkpoint of run {rid} has sha256 {actual[:12]}…, its tag says {digest[:12]}…: "
+                "replaced or corrupted after logging"
+            )
+        os.replace(got, dst)
+    return dst, True
 
 
 def fetch(uri: str, dst: Path | None = None) -> Path:
@@ -194,26 +320,56 @@ def ingredient_filter(extra: str | None = None) -> str:
     return " and ".join(clauses + ([extra] if extra else []))
 
 
-def ranked_ingredients(experiment: str, extra_filter: str | None = None, limit: int | None = None) -> list:
-    """Finished ingredient runs of `experiment`, best `val_accuracy` first, ranked by the server
-    (paged: more than 1,000 runs are fine)."""
+def find_experiment(name: str) -> str:
+    """Id of an existing experiment, or an error naming it and the server."""
     configure()
-    exp = MlflowClient().get_experiment_by_name(experiment)
+    exp = MlflowClient().get_experiment_by_name(name)
     if exp is None:
-        raise SoupsError(f"experiment {experiment!r} not found on {mlflow.get_tracking_uri()}")
-    runs, token = [], None
+        raise SoupsError(f"experiment {name!r} not found on {mlflow.get_tracking_uri()}")
+    return exp.experiment_id
+
+
+def ranked_ingredients(experiment_id: str, extra_filter: str | None = None, limit: int = 0) -> list:
+    """Finished ingredient runs of an experiment, best `val_accuracy` first, ranked by the
+    server; at most `limit` (0: all, paged 1,000 at a time)."""
+    client, runs, token = MlflowClient(), [], None
     while True:
-        page = MlflowClient().search_runs(
-            [exp.experiment_id],
-            filter_string=ingredient_filter(extra_filter),
-            order_by=[f"metrics.{RANK_METRIC} DESC", "attributes.start_time ASC"],
-            max_results=min(1000, limit - len(runs)) if limit else 1000,
-            page_token=token,
-        )
+        try:
+            page = client.search_runs(
+                [experiment_id],
+                filter_string=ingredient_filter(extra_filter),
+                order_by=[f"metrics.{RANK_METRIC} DESC", "attributes.start_time ASC"],
+                max_results=min(1000, limit - len(runs)) if limit else 1000,
+                page_token=token,
+            )
+        except MlflowException as e:
+            raise SoupsError(
+                f"search for ingredient runs failed (filter {extra_filter!r}): {str(e).splitlines()[0]}"
+            ) from None
         runs += list(page)
         token = page.token
         if not token or (limit and len(runs) >= limit):
             return runs
+
+
+def run_params(run) -> dict[str, str]:
+    """A run's params as the step that logged them meant them: `mlflow run` logs `-P` values
+    shell-quoted (`'/my data'`), the steps themselves log plain strings."""
+    out = {}
+    for k, v in run.data.params.items():
+        if len(v) >= 2 and v[0] == v[-1] == "'":
+            parts = shlex.split(v)
+            v = parts[0] if len(parts) == 1 else v
+        out[k] = v
+    return out
+
+
+def split_of(run) -> str | None:
+    return run.data.tags.get(SPLIT)
+
+
+def rank_score(run) -> float | None:
+    return run.data.metrics.get(RANK_METRIC)
 
 
 def ingredient_table(runs: list) -> list[dict[str, Any]]:
@@ -225,3 +381,8 @@ def ingredient_table(runs: list) -> list[dict[str, Any]]:
          "minutes": ((r.info.end_time or 0) - r.info.start_time) / 60000}
         for r in runs
     ]  # fmt: skip
+
+
+def parent_filter(parent: str) -> str:
+    """The clause that narrows a search to the children of a sweep run."""
+    return f"tags.mlflow.parentRunId = '{parent}'" if parent else ""

@@ -1,0 +1,64 @@
+"""Figures people would rather look at than read (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def greedy_curve(steps, held_out: int, ingredient_val: list[float | None], uniform_val: float | None):
+    """The soup's held-out accuracy after each candidate considered, with each candidate's own."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ks = [s.rank for s in steps if s.soup_correct is not None]
+    ax.step(ks, [s.soup_correct / held_out for s in steps if s.soup_correct is not None],
+            where="post", color="C0", label="greedy soup")  # fmt: skip
+    for s, own in zip(steps, ingredient_val, strict=True):
+        if own is not None:
+            ax.scatter(
+                s.rank, own, marker="o" if s.accepted else "x", color="C2" if s.accepted else "C3", zorder=3
+            )
+    ax.scatter([], [], marker="o", color="C2", label="ingredient kept")
+    ax.scatter([], [], marker="x", color="C3", label="ingredient not kept / skipped")
+    if uniform_val is not None:
+        ax.axhline(uniform_val, color="C1", linestyle="--", label="uniform soup")
+    ax.set(xlabel="candidates considered (rank by val accuracy)", ylabel="val accuracy", title="Greedy soup")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def val_vs_test(ingredients: list[tuple[float, float]], soups: dict[str, tuple[float, float]]):
+    """Each ingredient's val vs test accuracy, soups marked (the model-soups paper's figure)."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    if ingredients:
+        v, t = np.array(ingredients).T
+        ax.scatter(v, t, color="grey", alpha=0.7, label="ingredients")
+    for (name, (v, t)), marker in zip(soups.items(), ["*", "D", "s", "^"], strict=False):
+        ax.scatter(v, t, marker=marker, s=160, label=name, zorder=3)
+    ax.set(xlabel="val accuracy", ylabel="test accuracy", title="Ingredients and soups")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrix(cm: np.ndarray, classes: list[str], title: str):
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * n + 2), max(4.5, 0.45 * n + 1.5)))
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            if cm[i, j]:
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+    ax.set_xticks(range(n), classes, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), classes, fontsize=7)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    return fig
