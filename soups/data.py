@@ -368,3 +368,12 @@ def model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float
     mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return x.sub_(mean_t).div_(std_t)
+
+
+MASK_ATTRIBUTES = ("mask", "gender", "age")
+
+
+def mask_attributes(labels: np.ndarray) -> dict[str, np.ndarray]:
+    """The competition label split back into its three attributes."""
+    labels = np.asarray(labels)
+    return {"mask": labels // 6, "gender": (labels // 3) % 2, "age": labels % 3}

@@ -8,6 +8,7 @@ import logging
 import os
 import shlex
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,7 @@ INGREDIENTS = "ingredients.csv"
 GREEDY_CURVE = "greedy_curve.png"
 VAL_VS_TEST = "val_vs_test.png"
 SCORES = "scores.csv"
+PER_CLASS_ERRORS = "per_class_errors.csv"
 MODEL_NAME = "model"  # the logged MLflow model of a soup run
 # Ranking metric and the per-epoch metrics of an ingredient run (step = epoch)
 RANK_METRIC = "val_accuracy"
@@ -212,20 +214,6 @@ def start(role: str, experiment: str) -> Iterator[Run]:
     mlflow.end_run("FINISHED")
 
 
-class SoupModel(mlflow.pyfunc.PythonModel):
-    """The registered soup as MLflow serves it: a DataFrame column `image` of base64 image bytes
-    (or an N x H x W x 3 uint8 array) in; label, class_name and probability per image out."""
-
-    def load_context(self, context):
-        from soups.models import load_checkpoint
-        from soups.predict import Predictor
-
-        self.predictor = Predictor(load_checkpoint(Path(context.artifacts["checkpoint"])))
-
-    def predict(self, context, model_input, params=None):
-        return self.predictor.predict(model_input)
-
-
 def promote(name: str, version: int, val_accuracy: float, split: str) -> str:
     """Move alias `champion` of `name` to `version` when it beats the current champion's val
     accuracy on the same held-out split (a tie keeps the champion)."""
@@ -386,3 +374,32 @@ def ingredient_table(runs: list) -> list[dict[str, Any]]:
 def parent_filter(parent: str) -> str:
     """The clause that narrows a search to the children of a sweep run."""
     return f"tags.mlflow.parentRunId = '{parent}'" if parent else ""
+
+
+def get_run(run_id: str):
+    configure()
+    try:
+        return MlflowClient().get_run(run_id)
+    except MlflowException as e:
+        raise SoupsError(
+            f"run {run_id} not found on {mlflow.get_tracking_uri()}: {str(e).splitlines()[0]}"
+        ) from None
+
+
+def has_score(run, split: str) -> bool:
+    return f"{split}_accuracy" in run.data.metrics
+
+
+def log_scores(run_id: str, split: str, scores: dict[str, float]) -> None:
+    """Held-out scores into an (already finished) ingredient run, as `<split>_<metric>`."""
+    MlflowClient().log_batch(
+        run_id,
+        metrics=[
+            mlflow.entities.Metric(f"{split}_{k}", float(v), int(time.time() * 1000), 0)
+            for k, v in scores.items()
+        ],
+    )
+
+
+def confusion_figure(run_id: str) -> str:
+    return f"confusion/{run_id}.png"
