@@ -1,4 +1,4 @@
-# make demo: set up .venv, fetch Fashion-MNIST, run the pipeline against ./mlflow.db
+# make demo: set up .venv, fetch Fashion-MNIST, fine-tune, evaluate and soup against ./mlflow.db
 # make test: set up .venv, run the tests (what CI runs)
 SHELL := /bin/bash
 PYTHON ?= python3.11
@@ -11,7 +11,6 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT ?= true
 DEMO_DATA ?= /usr/share/datasets/fashion-mnist
-DEMO_EXPERIMENT ?= fashion-mnist-demo
 DEMO_MEMBERS ?= 4
 
 .PHONY: demo test lint venv data clean
@@ -33,9 +32,13 @@ demo: venv data
 	@for i in $$(seq 0 $$(( $(DEMO_MEMBERS) - 1 ))); do \
 	  echo "== finetune i=$$i"; \
 	  $(BIN)/mlflow run . -e finetune -P i=$$i -P data=$(DEMO_DATA) \
-	    --env-manager local --experiment-name $(DEMO_EXPERIMENT) || exit 1; \
+	    --env-manager local || exit 1; \
 	done
-	$(BIN)/python scripts/demo_report.py --experiment $(DEMO_EXPERIMENT)
+	@echo "== evaluate: test scores of every ingredient"
+	$(BIN)/mlflow run . -e evaluate -P data=$(DEMO_DATA) --env-manager local
+	@echo "== greedy_soup"
+	$(BIN)/mlflow run . -e greedy_soup -P data=$(DEMO_DATA) --env-manager local
+	@echo; echo "See the runs: $(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)  (http://127.0.0.1:5000)"
 
 test: venv
 	$(BIN)/python -m pytest -q

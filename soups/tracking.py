@@ -360,17 +360,6 @@ def rank_score(run) -> float | None:
     return run.data.metrics.get(RANK_METRIC)
 
 
-def ingredient_table(runs: list) -> list[dict[str, Any]]:
-    """One row per run for people: its index, hyperparameters and scores."""
-    keys = ("i", "model", "lr", "weight_decay", "epochs", "aug", "label_smoothing")
-    return [
-        {"run_id": r.info.run_id[:8], **{k: r.data.params.get(k) for k in keys},
-         RANK_METRIC: r.data.metrics.get(RANK_METRIC),
-         "minutes": ((r.info.end_time or 0) - r.info.start_time) / 60000}
-        for r in runs
-    ]  # fmt: skip
-
-
 def parent_filter(parent: str) -> str:
     """The clause that narrows a search to the children of a sweep run."""
     return f"tags.mlflow.parentRunId = '{parent}'" if parent else ""
