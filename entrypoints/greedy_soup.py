@@ -67,9 +67,11 @@ def main(recipe, method, tie, bn_recalibrate, bn_images, max_candidates, filter_
         "display.width", 200, "display.max_colwidth", 60, "display.float_format", "{:.4f}".format
     ):
         click.echo(report.table.drop(columns=["soup_val_accuracy"]).to_string(index=False))
-    rows = [("best ingredient", report.best_val_accuracy, report.best_test_accuracy),
-            ("uniform soup", report.uniform_val_accuracy, report.uniform_test_accuracy),
-            (f"{method} soup", report.val_accuracy, report.test_accuracy)]  # fmt: skip
+    rows = [
+        ("best ingredient", report.best_val_accuracy, report.best_test_accuracy),
+        ("uniform soup", report.uniform_val_accuracy, report.uniform_test_accuracy),
+        (f"{method} soup", report.val_accuracy, report.test_accuracy),
+    ]
     click.echo("\n" + "\n".join(f"{name:<16} val {pct(v)}  test {pct(t)}" for name, v, t in rows))
     click.echo(
         f"{report.n_ingredients} of {report.n_usable} usable ingredients in the soup; held-out images "

@@ -31,9 +31,10 @@ def _heavy(size: int) -> list:
         A.HorizontalFlip(p=0.5),
         A.Affine(scale=(0.85, 1.15), translate_percent=(-0.1, 0.1), rotate=(-15, 15), p=0.7),
         A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.05, p=0.8),
-        A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.2),
-                        hole_width_range=(0.05, 0.2), p=0.5),
-    ]  # fmt: skip
+        A.CoarseDropout(
+            num_holes_range=(1, 4), hole_height_range=(0.05, 0.2), hole_width_range=(0.05, 0.2), p=0.5
+        ),
+    ]
 
 
 PIPELINES = {"none": _none, "light": _light, "medium": _medium, "heavy": _heavy}

@@ -79,9 +79,17 @@ class Splits:
 # Layouts: root -> {"pool": Samples, "val": Samples | None, "test": Samples | None}
 
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -122,10 +130,10 @@ def fashion_mnist(root: Path) -> dict[str, Samples | None]:
 
 def _images_under(folder: Path) -> list[Path]:
     return sorted(
-        p for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTS and not any(s.startswith(".") for s in p.parts)
-        and p.is_file()
-    )  # fmt: skip
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTS and not any(s.startswith(".") for s in p.parts) and p.is_file()
+    )
 
 
 def _class_folders(folder: Path, base: Path, classes: list[str] | None = None) -> Samples:
@@ -153,8 +161,10 @@ def imagefolder(root: Path) -> dict[str, Samples | None]:
     if not (root / "train").is_dir():
         return {"pool": _class_folders(root, root), "val": None, "test": None}
     pool = _class_folders(root / "train", root)
-    given = {p: _class_folders(root / p, root, pool.classes) if (root / p).is_dir() else None
-             for p in ("val", "test")}  # fmt: skip
+    given = {
+        p: _class_folders(root / p, root, pool.classes) if (root / p).is_dir() else None
+        for p in ("val", "test")
+    }
     return {"pool": pool, **given}
 
 
@@ -271,8 +281,10 @@ def make_splits(
     n_test = 0 if parts["test"] is not None else max(int(round(test_ratio * len(groups))), test_ratio > 0)
     n_val = 0 if parts["val"] is not None else max(int(round(val_ratio * len(groups))), val_ratio > 0)
     where = {g: "test" for g in order[:n_test]} | {g: "val" for g in order[n_test : n_test + n_val]}
-    cut = {name: pool.subset([j for j, g in enumerate(pool.groups) if where.get(g, "train") == name])
-           for name in ("train", "val", "test")}  # fmt: skip
+    cut = {
+        name: pool.subset([j for j, g in enumerate(pool.groups) if where.get(g, "train") == name])
+        for name in ("train", "val", "test")
+    }
     train = cut["train"]
     val = parts["val"] if parts["val"] is not None else cut["val"]
     test = parts["test"] if parts["test"] is not None else cut["test"]
@@ -290,9 +302,14 @@ def make_splits(
 def load_splits(recipe) -> Splits:
     parts = read_layout(recipe.layout, recipe.data)
     return make_splits(
-        parts, recipe.val_ratio, recipe.test_ratio, recipe.split_seed,
-        recipe.max_train, recipe.max_val, recipe.max_test,
-    )  # fmt: skip
+        parts,
+        recipe.val_ratio,
+        recipe.test_ratio,
+        recipe.split_seed,
+        recipe.max_train,
+        recipe.max_val,
+        recipe.max_test,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,14 +346,24 @@ def decode(
             raise
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        images = list(tqdm(pool.map(one, range(len(samples))), total=len(samples), desc=desc,
-                           unit="img", leave=False, mininterval=1.0))  # fmt: skip
+        images = list(
+            tqdm(
+                pool.map(one, range(len(samples))),
+                total=len(samples),
+                desc=desc,
+                unit="img",
+                leave=False,
+                mininterval=1.0,
+            )
+        )
     kept = [j for j, im in enumerate(images) if im is not None]
     pixels = np.stack([images[j] for j in kept]) if kept else np.zeros((0, size, size, 3), np.uint8)
     return Decoded(
-        pixels, samples.labels[kept], [samples.keys[j] for j in kept],
+        pixels,
+        samples.labels[kept],
+        [samples.keys[j] for j in kept],
         [samples.keys[j] for j, im in enumerate(images) if im is None],
-    )  # fmt: skip
+    )
 
 
 def fits_in_memory(samples: Samples, size: int, cache_mb: int) -> bool:

@@ -109,8 +109,16 @@ class Scorer:
     it scores. With `bn_images`, averaged weights get their BatchNorm statistics recomputed on
     those (training) images before scoring."""
 
-    def __init__(self, model: nn.Module, held_out: EvalSet, mean, std, batch_size: int = 256,
-                 device: torch.device | str = "cpu", bn_images: EvalSet | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        held_out: EvalSet,
+        mean,
+        std,
+        batch_size: int = 256,
+        device: torch.device | str = "cpu",
+        bn_images: EvalSet | None = None,
+    ):
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.held_out, self.mean, self.std = held_out, mean, std

@@ -63,13 +63,23 @@ def finetune(recipe: Recipe) -> str:
         loader, skipped = train_loader(splits, recipe)
         val = data.decode(splits.val, recipe.img_size, recipe.workers, recipe.skip_bad, "decode val")
         run.log_params(
-            {"num_classes": len(classes), "n_train": len(loader.dataset), "n_val": len(val.labels),
-             "n_test": len(splits.test), "skipped_images": skipped + len(val.skipped)}
-        )  # fmt: skip
+            {
+                "num_classes": len(classes),
+                "n_train": len(loader.dataset),
+                "n_val": len(val.labels),
+                "n_test": len(splits.test),
+                "skipped_images": skipped + len(val.skipped),
+            }
+        )
         cfg = TrainConfig(
-            recipe.epochs, recipe.lr, recipe.weight_decay, recipe.warmup, recipe.clip_grad,
-            recipe.label_smoothing, recipe.batch_size,
-        )  # fmt: skip
+            recipe.epochs,
+            recipe.lr,
+            recipe.weight_decay,
+            recipe.warmup,
+            recipe.clip_grad,
+            recipe.label_smoothing,
+            recipe.batch_size,
+        )
         fit(
             model,
             loader,
@@ -81,9 +91,15 @@ def finetune(recipe: Recipe) -> str:
             run.log_epoch,
         )
         ckpt = Checkpoint(
-            model.state_dict(), recipe.model, len(classes), list(classes), recipe.img_size,
-            splits.fingerprint, mean, std,
-        )  # fmt: skip
+            model.state_dict(),
+            recipe.model,
+            len(classes),
+            list(classes),
+            recipe.img_size,
+            splits.fingerprint,
+            mean,
+            std,
+        )
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.pt"
             run.log_checkpoint(path, save_checkpoint(ckpt, path))

@@ -13,8 +13,13 @@ def greedy_curve(steps, held_out: int, ingredient_val: list[float | None], unifo
     """The soup's held-out accuracy after each candidate considered, with each candidate's own."""
     fig, ax = plt.subplots(figsize=(7, 4))
     ks = [s.rank for s in steps if s.soup_correct is not None]
-    ax.step(ks, [s.soup_correct / held_out for s in steps if s.soup_correct is not None],
-            where="post", color="C0", label="greedy soup")  # fmt: skip
+    ax.step(
+        ks,
+        [s.soup_correct / held_out for s in steps if s.soup_correct is not None],
+        where="post",
+        color="C0",
+        label="greedy soup",
+    )
     for s, own in zip(steps, ingredient_val, strict=True):
         if own is not None:
             ax.scatter(
@@ -55,8 +60,15 @@ def confusion_matrix(cm: np.ndarray, classes: list[str], title: str):
     for i in range(n):
         for j in range(n):
             if cm[i, j]:
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    int(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     ax.set_xticks(range(n), classes, rotation=90, fontsize=7)
     ax.set_yticks(range(n), classes, fontsize=7)
     ax.set(xlabel="predicted", ylabel="true", title=title)

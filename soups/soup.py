@@ -18,8 +18,10 @@ StateDict = dict[str, torch.Tensor]
 # soon as the errors exceed max_errors (None: never stop early). Counts, not floats, decide.
 # `averaged` says the weights are a mean of several models (BatchNorm statistics need recomputing).
 Score = Callable[[StateDict, int | None, bool], int | None]
-TIE_RULES = {"ge": "keep an ingredient when the soup's score is not worse (the paper's rule)",
-             "strict": "keep an ingredient only when the soup's score improves"}  # fmt: skip
+TIE_RULES = {
+    "ge": "keep an ingredient when the soup's score is not worse (the paper's rule)",
+    "strict": "keep an ingredient only when the soup's score improves",
+}
 
 
 class RunningAverage:
@@ -155,9 +157,14 @@ def greedy_soup(candidates: Iterable[Candidate], score: Score, held_out: int, ti
     if not soup.count:
         raise SoupsError("no usable ingredient: " + "; ".join(f"{s.name}: {s.reason}" for s in steps[:3]))
     return SoupResult(
-        soup.average(), names, steps, best, current,
-        everything.average() if everything.count > 1 else None, everything.count,
-    )  # fmt: skip
+        soup.average(),
+        names,
+        steps,
+        best,
+        current,
+        everything.average() if everything.count > 1 else None,
+        everything.count,
+    )
 
 
 def uniform_method(

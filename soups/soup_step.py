@@ -86,8 +86,9 @@ class Ingredients:
         if ckpt.model != self.top.data.params.get("model") or ckpt.split != tracking.split_of(self.top):
             raise SoupsError(f"checkpoint of run {run.info.run_id} disagrees with its run's params and tags")
         if self.meta is None:
-            self.meta = Checkpoint({}, ckpt.model, ckpt.num_classes, ckpt.classes, ckpt.img_size,
-                                   ckpt.split, ckpt.mean, ckpt.std)  # fmt: skip
+            self.meta = Checkpoint(
+                {}, ckpt.model, ckpt.num_classes, ckpt.classes, ckpt.img_size, ckpt.split, ckpt.mean, ckpt.std
+            )
         return ckpt.state_dict
 
     def candidates(self):
@@ -158,30 +159,53 @@ def make_soup(
         by_id = {r.info.run_id: r for r in runs}
         own_test = {
             s.name: test_accuracy(ingredients.load(by_id[s.name]), False)
-            for s in result.steps if s.status != "skipped"
-        }  # fmt: skip
+            for s in result.steps
+            if s.status != "skipped"
+        }
         best_id = result.steps[[s.status for s in result.steps].index("kept")].name
         several = len(result.ingredients) > 1
         uniform_val = scorer.correct(result.uniform, None, True) / len(val) if result.uniform else None
-        table = pd.DataFrame([
-            {"rank": s.rank, "run_id": s.name, "i": by_id[s.name].data.params.get("i"),
-             "val_accuracy": tracking.rank_score(by_id[s.name]), "test_accuracy": own_test.get(s.name),
-             "status": s.status, "reason": s.reason,
-             "soup_val_accuracy": None if s.soup_correct is None else s.soup_correct / len(val)}
-            for s in result.steps
-        ])  # fmt: skip
+        table = pd.DataFrame(
+            [
+                {
+                    "rank": s.rank,
+                    "run_id": s.name,
+                    "i": by_id[s.name].data.params.get("i"),
+                    "val_accuracy": tracking.rank_score(by_id[s.name]),
+                    "test_accuracy": own_test.get(s.name),
+                    "status": s.status,
+                    "reason": s.reason,
+                    "soup_val_accuracy": None if s.soup_correct is None else s.soup_correct / len(val),
+                }
+                for s in result.steps
+            ]
+        )
         report = SoupReport(
-            run.id, opts.method, opts.tie, extra, recal, len(runs), len(result.ingredients),
-            len(own_test), result.correct / len(val), test_accuracy(result.state_dict, several),
-            uniform_val, test_accuracy(result.uniform, True) if result.uniform else None,
-            result.best_correct / len(val), own_test[best_id], scored, len(own_test) * len(val),
+            run.id,
+            opts.method,
+            opts.tie,
+            extra,
+            recal,
+            len(runs),
+            len(result.ingredients),
+            len(own_test),
+            result.correct / len(val),
+            test_accuracy(result.state_dict, several),
+            uniform_val,
+            test_accuracy(result.uniform, True) if result.uniform else None,
+            result.best_correct / len(val),
+            own_test[best_id],
+            scored,
+            len(own_test) * len(val),
             ingredients.downloaded,
             [(s.rank, s.soup_correct / len(val)) for s in result.steps if s.soup_correct is not None],
             table,
-        )  # fmt: skip
+        )
         run.log_soup(report)
-        run.log_figure(plots.greedy_curve(result.steps, len(val), list(table.val_accuracy), uniform_val),
-                       tracking.GREEDY_CURVE)  # fmt: skip
+        run.log_figure(
+            plots.greedy_curve(result.steps, len(val), list(table.val_accuracy), uniform_val),
+            tracking.GREEDY_CURVE,
+        )
         soups_marked = {f"{opts.method} soup": (report.val_accuracy, report.test_accuracy)}
         if uniform_val is not None:
             soups_marked["uniform soup"] = (uniform_val, report.uniform_test_accuracy)
@@ -191,8 +215,16 @@ def make_soup(
             ]
             run.log_figure(plots.val_vs_test(points, soups_marked), tracking.VAL_VS_TEST)
         meta = ingredients.meta
-        soup = Checkpoint(result.state_dict, meta.model, meta.num_classes, meta.classes, meta.img_size,
-                          meta.split, meta.mean, meta.std)  # fmt: skip
+        soup = Checkpoint(
+            result.state_dict,
+            meta.model,
+            meta.num_classes,
+            meta.classes,
+            meta.img_size,
+            meta.split,
+            meta.mean,
+            meta.std,
+        )
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.pt"
             run.log_checkpoint(path, save_checkpoint(soup, path))

@@ -125,8 +125,9 @@ class Run:
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=epoch)
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+    def log_metrics(self, metrics: dict[str, float | None], step: int | None = None) -> None:
+        """Log the metrics that have a value (a dataset without a test split has no test score)."""
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
 
     def log_recipe(self, text: str) -> None:
         mlflow.log_text(text, RECIPE)
@@ -157,20 +158,31 @@ class Run:
 
     def log_soup(self, soup) -> None:
         """A `soup_step.SoupReport`: the soup's params, metrics, greedy curve and tables."""
-        self.log_params({"method": soup.method, "rank_by": RANK_METRIC, "tie": soup.tie,
-                         "candidates": soup.candidates, "bn_recalibrate": soup.bn_recalibrate,
-                         "filter": soup.filter or ""})  # fmt: skip
-        self.log_metrics({
-            "val_accuracy": soup.val_accuracy, "test_accuracy": soup.test_accuracy,
-            "uniform_val_accuracy": soup.uniform_val_accuracy,
-            "uniform_test_accuracy": soup.uniform_test_accuracy,
-            "best_ingredient_val_accuracy": soup.best_val_accuracy,
-            "best_ingredient_test_accuracy": soup.best_test_accuracy,
-            "n_ingredients": soup.n_ingredients, "n_usable": soup.n_usable,
-            "held_out_images_scored": soup.images_scored,
-            "held_out_images_full_evaluation": soup.images_full,
-            "checkpoints_downloaded": soup.downloaded,
-        })  # fmt: skip
+        self.log_params(
+            {
+                "method": soup.method,
+                "rank_by": RANK_METRIC,
+                "tie": soup.tie,
+                "candidates": soup.candidates,
+                "bn_recalibrate": soup.bn_recalibrate,
+                "filter": soup.filter or "",
+            }
+        )
+        self.log_metrics(
+            {
+                "val_accuracy": soup.val_accuracy,
+                "test_accuracy": soup.test_accuracy,
+                "uniform_val_accuracy": soup.uniform_val_accuracy,
+                "uniform_test_accuracy": soup.uniform_test_accuracy,
+                "best_ingredient_val_accuracy": soup.best_val_accuracy,
+                "best_ingredient_test_accuracy": soup.best_test_accuracy,
+                "n_ingredients": soup.n_ingredients,
+                "n_usable": soup.n_usable,
+                "held_out_images_scored": soup.images_scored,
+                "held_out_images_full_evaluation": soup.images_full,
+                "checkpoints_downloaded": soup.downloaded,
+            }
+        )
         for k, acc in soup.curve:
             mlflow.log_metric(GREEDY_STEP_METRIC, acc, step=k)
         self.log_table(soup.table, INGREDIENTS)
@@ -228,8 +240,10 @@ def promote(name: str, version: int, val_accuracy: float, split: str) -> str:
     data = client.get_run(champ.run_id).data
     theirs, their_split = data.metrics.get(RANK_METRIC), data.tags.get(SPLIT)
     if their_split != split:
-        return (f"{CHAMPION} stays version {champ.version}: it was scored on split {their_split}, this "
-                f"soup on {split} (move it by hand: MlflowClient().set_registered_model_alias)")  # fmt: skip
+        return (
+            f"{CHAMPION} stays version {champ.version}: it was scored on split {their_split}, this "
+            f"soup on {split} (move it by hand: MlflowClient().set_registered_model_alias)"
+        )
     if theirs is None or val_accuracy > theirs:
         client.set_registered_model_alias(name, CHAMPION, str(version))
         return f"{CHAMPION} moved to version {version}: val {val_accuracy:.4f} beats {theirs}"

@@ -74,9 +74,16 @@ def write_recipe(path: Path, **values) -> Path:
 
 
 TINY = dict(
-    model="test_efficientnet", pretrained="none", img_size=32, batch_size=8, epochs=2, lr=3e-3,
-    workers=0, val_ratio=0.25, test_ratio=0.25,
-)  # fmt: skip
+    model="test_efficientnet",
+    pretrained="none",
+    img_size=32,
+    batch_size=8,
+    epochs=2,
+    lr=3e-3,
+    workers=0,
+    val_ratio=0.25,
+    test_ratio=0.25,
+)
 
 
 @pytest.fixture(scope="session")
@@ -122,11 +129,26 @@ def mlflow_server(workdir: Path, *extra: str):
     env.pop("MLFLOW_TRACKING_URI", None)
     log = open(workdir / "server.log", "w")
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{workdir / 'server.db'}",
-         "--artifacts-destination", str(workdir / "artifacts"), *extra],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{workdir / 'server.db'}",
+            "--artifacts-destination",
+            str(workdir / "artifacts"),
+            *extra,
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while True:

@@ -30,9 +30,13 @@ def run(args, tracking_uri, cwd=ROOT, **env):
 @pytest.fixture
 def recipe(tmp_path, mask_root):
     return write_recipe(
-        tmp_path / "tiny.yaml", experiment="tiny", data=str(mask_root), layout="mask", **TINY,
+        tmp_path / "tiny.yaml",
+        experiment="tiny",
+        data=str(mask_root),
+        layout="mask",
+        **TINY,
         space={"lr": {"log_uniform": [1e-3, 1e-2]}, "seed": {"int": [0, 1000]}},
-    )  # fmt: skip
+    )
 
 
 def only_run(tracking_uri):
@@ -44,10 +48,25 @@ def only_run(tracking_uri):
 
 def test_mlflow_run_finetune_logs_the_contract(tmp_path, tracking_uri, recipe, mask_root):
     out = run(
-        [f"{VENV_BIN}/mlflow", "run", ".", "-e", "finetune", "-P", "i=3", "-P", f"recipe={recipe}",
-         "-P", "lr=1e-2", "--env-manager", "local", "--experiment-name", "it"],
+        [
+            f"{VENV_BIN}/mlflow",
+            "run",
+            ".",
+            "-e",
+            "finetune",
+            "-P",
+            "i=3",
+            "-P",
+            f"recipe={recipe}",
+            "-P",
+            "lr=1e-2",
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "it",
+        ],
         tracking_uri,
-    )  # fmt: skip
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     client, r = only_run(tracking_uri)
     assert r.info.status == "FINISHED"
@@ -106,8 +125,21 @@ def test_skip_bad_trains_around_unreadable_images(tmp_path, tracking_uri, recipe
     used = [k for k in splits.train.keys + splits.val.keys if k.endswith("normal.png")]
     bad = [k for k in used if (broken / k).read_bytes() == b"not a png"]
     assert bad, "some broken image falls in train or val"
-    out = run([sys.executable, "entrypoints/finetune.py", "--recipe", str(recipe), "--data", str(broken),
-               "--skip_bad", "true", "--epochs", "1"], tracking_uri)  # fmt: skip
+    out = run(
+        [
+            sys.executable,
+            "entrypoints/finetune.py",
+            "--recipe",
+            str(recipe),
+            "--data",
+            str(broken),
+            "--skip_bad",
+            "true",
+            "--epochs",
+            "1",
+        ],
+        tracking_uri,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     _, r = only_run(tracking_uri)
     assert r.info.status == "FINISHED" and r.data.params["skipped_images"] == str(len(bad))
@@ -135,8 +167,12 @@ def test_ctrl_c_ends_the_run_killed_without_checkpoint(tracking_uri, recipe):
     env.pop("MLFLOW_RUN_ID", None)
     proc = subprocess.Popen(
         [sys.executable, "entrypoints/finetune.py", "--recipe", str(recipe), "--epochs", "500"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     client = mlflow.MlflowClient(tracking_uri)
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until training is under way: an epoch has been logged

@@ -107,8 +107,16 @@ def test_unknown_model_is_named():
 
 
 def ckpt(model) -> Checkpoint:
-    return Checkpoint(model.state_dict(), "test_efficientnet", 7, [f"c{k}" for k in range(7)], 32,
-                      "abc", [0.5] * 3, [0.5] * 3)  # fmt: skip
+    return Checkpoint(
+        model.state_dict(),
+        "test_efficientnet",
+        7,
+        [f"c{k}" for k in range(7)],
+        32,
+        "abc",
+        [0.5] * 3,
+        [0.5] * 3,
+    )
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path):

@@ -26,19 +26,25 @@ def sh(args, uri, cache, check=True):
     env.pop("MLFLOW_RUN_ID", None)
     out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check:
-        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     return out
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, mask_root):
     """A server with: three good ingredients, one FAILED, one with its checkpoint deleted, one
-    trained on another split."""
+    trained on another split (barely trained, so that it never ranks first: the top run's split
+    is the one a soup keeps)."""
     work = tmp_path_factory.mktemp("server")
     recipe = write_recipe(
-        work / "tiny.yaml", experiment="soupexp", data=str(mask_root), layout="mask", registered_model="tiny-soup",
-        **{**TINY, "epochs": 2, "lr": 2e-3}, space={"seed": {"int": [0, 1000]}},
-    )  # fmt: skip
+        work / "tiny.yaml",
+        experiment="soupexp",
+        data=str(mask_root),
+        layout="mask",
+        registered_model="tiny-soup",
+        **{**TINY, "epochs": 2, "lr": 2e-3},
+        space={"seed": {"int": [0, 1000]}},
+    )
     with mlflow_server(work) as uri:
         client = mlflow.MlflowClient(uri)
         client.create_experiment("soupexp")  # once, before the parallel writers
@@ -47,7 +53,7 @@ def world(tmp_path_factory, mask_root):
         env.pop("MLFLOW_RUN_ID", None)
         jobs = [finetune + ["--i", str(i)] for i in range(4)]
         jobs += [
-            finetune + ["--i", "4", "--split_seed", "1"],
+            finetune + ["--i", "4", "--split_seed", "1", "--lr", "1e-7"],
             finetune + ["--i", "5", "--model", "no_such_model"],
         ]
         procs = [
@@ -68,8 +74,20 @@ def world(tmp_path_factory, mask_root):
 
 
 def soup(world, *params, check=True):
-    args = [str(BIN / "mlflow"), "run", ".", "-e", "greedy_soup", "--env-manager", "local",
-            "--experiment-name", "soupexp", "-P", f"recipe={world['recipe']}", *params]  # fmt: skip
+    args = [
+        str(BIN / "mlflow"),
+        "run",
+        ".",
+        "-e",
+        "greedy_soup",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "soupexp",
+        "-P",
+        f"recipe={world['recipe']}",
+        *params,
+    ]
     return sh(args, world["uri"], world["work"] / "cache", check)
 
 
@@ -160,23 +178,32 @@ def test_a_replaced_checkpoint_fails_its_sha256_and_is_skipped(world, tmp_path):
 
 
 def test_evaluate_logs_test_scores_into_the_runs(world, tmp_path):
-    out = sh([sys.executable, "entrypoints/evaluate.py", "--recipe", str(world["recipe"])], world["uri"],
-             world["work"] / "cache")  # fmt: skip
+    out = sh(
+        [sys.executable, "entrypoints/evaluate.py", "--recipe", str(world["recipe"])],
+        world["uri"],
+        world["work"] / "cache",
+    )
     client = world["client"]
     exp = client.get_experiment_by_name("soupexp").experiment_id
     good = client.search_runs([exp], "tags.`soups.role` = 'ingredient' and attributes.status = 'FINISHED'")
     scored = [r for r in good if "test_accuracy" in r.data.metrics]
     assert len(scored) == 4, "every finished ingredient except the one without checkpoint"
-    assert all({"test_f1", "test_loss", "test_mask_error", "test_gender_error", "test_age_error"} <= set(r.data.metrics)
-               for r in scored)  # fmt: skip
+    assert all(
+        {"test_f1", "test_loss", "test_mask_error", "test_gender_error", "test_age_error"}
+        <= set(r.data.metrics)
+        for r in scored
+    )
     ev = client.search_runs([exp], "tags.`soups.role` = 'evaluation'")[0]
     scores = pd.read_csv(client.download_artifacts(ev.info.run_id, "scores.csv", str(tmp_path)))
     assert len(scores) == 5 and scores.error.notna().sum() == 1
     arts = {a.path for a in client.list_artifacts(ev.info.run_id)}
     assert {"scores.csv", "per_class_errors.csv", "confusion"} <= arts
     assert len(client.list_artifacts(ev.info.run_id, "confusion")) == 4
-    again = sh([sys.executable, "entrypoints/evaluate.py", "--recipe", str(world["recipe"])], world["uri"],
-               world["work"] / "cache")  # fmt: skip
+    again = sh(
+        [sys.executable, "entrypoints/evaluate.py", "--recipe", str(world["recipe"])],
+        world["uri"],
+        world["work"] / "cache",
+    )
     assert "already has test scores" in again.stdout or "scored 1 run" in again.stdout
     assert "scored 5 run(s) on test" in out.stdout
 
@@ -185,3 +212,15 @@ def test_no_ingredients_is_a_one_line_error(world):
     out = soup(world, "-P", "filter=params.model = 'nothing'", check=False)
     assert out.returncode != 0
     assert "no finished ingredient runs in experiment" in out.stderr
+
+
+def test_the_top_runs_split_decides(world, tmp_path):
+    """Of two runs on different splits the lower-ranked is skipped; with one usable ingredient the
+    soup is that ingredient and there is no uniform soup to report."""
+    other = world["runs"]["4"].info.run_id
+    soup(world, "-P", f"filter=attributes.run_id IN ('{other}', '{world['runs']['0'].info.run_id}')")
+    r = last_soup(world["client"])
+    table = pd.read_csv(world["client"].download_artifacts(r.info.run_id, "ingredients.csv", str(tmp_path)))
+    assert len(table) == 2 and table.status.tolist()[0] == "kept" and table.status.tolist()[1] == "skipped"
+    assert "split" in table.reason.tolist()[1]
+    assert "uniform_val_accuracy" not in r.data.metrics, "one usable ingredient: no uniform soup to report"

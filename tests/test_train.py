@@ -25,8 +25,15 @@ def setup(root, **changes):
     model = create_model(recipe.model, 3)
     loader, _ = train_loader(splits, recipe)
     val = EvalSet.from_decoded(decode(splits.val, recipe.img_size), 3)
-    cfg = TrainConfig(recipe.epochs, recipe.lr, recipe.weight_decay, recipe.warmup, recipe.clip_grad,
-                      recipe.label_smoothing, recipe.batch_size)  # fmt: skip
+    cfg = TrainConfig(
+        recipe.epochs,
+        recipe.lr,
+        recipe.weight_decay,
+        recipe.warmup,
+        recipe.clip_grad,
+        recipe.label_smoothing,
+        recipe.batch_size,
+    )
     return model, loader, val, cfg
 
 
