@@ -46,6 +46,10 @@ def train_loader(splits: data.Splits, recipe: Recipe) -> tuple[torch.utils.data.
     return loader, skipped
 
 
+def train_config(recipe: Recipe) -> TrainConfig:
+    return TrainConfig(**{f: getattr(recipe, f) for f in TrainConfig.__dataclass_fields__})
+
+
 def finetune(recipe: Recipe) -> str:
     """Fine-tune sweep member `recipe.i` and log it as an ingredient run; returns the run id."""
     with tracking.start("ingredient", recipe.experiment) as run:
@@ -71,34 +75,17 @@ def finetune(recipe: Recipe) -> str:
                 "skipped_images": skipped + len(val.skipped),
             }
         )
-        cfg = TrainConfig(
-            recipe.epochs,
-            recipe.lr,
-            recipe.weight_decay,
-            recipe.warmup,
-            recipe.clip_grad,
-            recipe.label_smoothing,
-            recipe.batch_size,
-        )
-        fit(
-            model,
-            loader,
-            EvalSet.from_decoded(val, len(classes)),
-            cfg,
-            mean,
-            std,
-            default_device(),
-            run.log_epoch,
-        )
+        val_set = EvalSet.from_decoded(val, len(classes))
+        fit(model, loader, val_set, train_config(recipe), mean, std, default_device(), run.log_epoch)
         ckpt = Checkpoint(
             model.state_dict(),
-            recipe.model,
-            len(classes),
-            list(classes),
-            recipe.img_size,
-            splits.fingerprint,
-            mean,
-            std,
+            model=recipe.model,
+            num_classes=len(classes),
+            classes=list(classes),
+            img_size=recipe.img_size,
+            split=splits.fingerprint,
+            mean=mean,
+            std=std,
         )
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.pt"

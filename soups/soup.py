@@ -114,6 +114,25 @@ class SoupResult:
     uniform_count: int
 
 
+def _usable(candidates: Iterable[Candidate], soup: RunningAverage, steps: list[Step]):
+    """(rank, name, state) of each candidate that loads and fits `soup`, lazily, one at a time;
+    the others are recorded in `steps` as skipped, with the reason."""
+    for rank, cand in enumerate(candidates, start=1):
+        try:
+            state = cand.load()
+        except SoupsError as e:
+            steps.append(Step(rank, cand.name, "skipped", str(e), None))
+            continue
+        if reason := soup.mismatch(state):
+            steps.append(Step(rank, cand.name, "skipped", f"incompatible: {reason}", None))
+            continue
+        yield rank, cand.name, state
+
+
+def _no_usable(steps: list[Step]) -> SoupsError:
+    return SoupsError("no usable ingredient: " + "; ".join(f"{s.name}: {s.reason}" for s in steps[:3]))
+
+
 def greedy_soup(candidates: Iterable[Candidate], score: Score, held_out: int, tie: str = "ge") -> SoupResult:
     """The paper's recipe: start from the best ingredient; add each next one when the averaged
     soup scores at least as well on the held-out set (`tie="strict"`: better). A candidate soup is
@@ -124,70 +143,46 @@ def greedy_soup(candidates: Iterable[Candidate], score: Score, held_out: int, ti
     steps: list[Step] = []
     names: list[str] = []
     best = current = 0
-    for rank, cand in enumerate(candidates, start=1):
-        try:
-            state = cand.load()
-        except SoupsError as e:
-            steps.append(Step(rank, cand.name, "skipped", str(e), None))
-            continue
-        if not soup.count:  # the best loadable ingredient starts the soup
-            soup.add(state)
-            everything.add(state)
-            best = current = score(state, None, False)
-            names.append(cand.name)
-            steps.append(Step(rank, cand.name, "kept", "best ingredient", current))
-            continue
-        if reason := soup.mismatch(state):
-            steps.append(Step(rank, cand.name, "skipped", f"incompatible: {reason}", current))
-            continue
+    for rank, name, state in _usable(candidates, soup, steps):
         everything.add(state)
+        if not soup.count:  # the best usable ingredient starts the soup
+            soup.add(state)
+            best = current = score(state, None, False)
+            names.append(name)
+            steps.append(Step(rank, name, "kept", "best ingredient", current))
+            continue
         allowed = held_out - current - (tie == "strict")  # errors the candidate soup may make
         correct = score(soup.average(plus=state), allowed, True)
         if correct is not None and (correct > current or (tie == "ge" and correct == current)):
             soup.add(state)
-            names.append(cand.name)
+            names.append(name)
             current = correct
             steps.append(
-                Step(rank, cand.name, "kept", "soup improved" if correct > best else "soup no worse", current)
+                Step(rank, name, "kept", "soup improved" if correct > best else "soup no worse", current)
             )
         else:
             got = "stopped early" if correct is None else f"{correct} correct"
-            steps.append(Step(rank, cand.name, "not kept", f"{got}, soup has {current}", current))
+            steps.append(Step(rank, name, "not kept", f"{got}, soup has {current}", current))
         del state
     if not soup.count:
-        raise SoupsError("no usable ingredient: " + "; ".join(f"{s.name}: {s.reason}" for s in steps[:3]))
-    return SoupResult(
-        soup.average(),
-        names,
-        steps,
-        best,
-        current,
-        everything.average() if everything.count > 1 else None,
-        everything.count,
-    )
+        raise _no_usable(steps)
+    uniform = everything.average() if everything.count > 1 else None
+    return SoupResult(soup.average(), names, steps, best, current, uniform, everything.count)
 
 
 def uniform_method(
     candidates: Iterable[Candidate], score: Score, held_out: int, tie: str = "ge"
 ) -> SoupResult:
     """Every usable candidate, averaged with equal weight; scored once at the end."""
-    soup, steps, names, best = RunningAverage(), [], [], None
-    for rank, cand in enumerate(candidates, start=1):
-        try:
-            state = cand.load()
-        except SoupsError as e:
-            steps.append(Step(rank, cand.name, "skipped", str(e), None))
-            continue
-        if reason := soup.mismatch(state):
-            steps.append(Step(rank, cand.name, "skipped", f"incompatible: {reason}", None))
-            continue
-        if best is None:
+    soup, steps, names, best = RunningAverage(), [], [], 0
+    for rank, name, state in _usable(candidates, soup, steps):
+        if not soup.count:
             best = score(state, None, False)
         soup.add(state)
-        names.append(cand.name)
-        steps.append(Step(rank, cand.name, "kept", "uniform", None))
+        names.append(name)
+        steps.append(Step(rank, name, "kept", "uniform", None))
     if not soup.count:
-        raise SoupsError("no usable ingredient: " + "; ".join(f"{s.name}: {s.reason}" for s in steps[:3]))
+        raise _no_usable(steps)
     state = soup.average()
     correct = score(state, None, True) if soup.count > 1 else best
     return SoupResult(state, names, steps, best, correct, state, soup.count)

@@ -6,10 +6,10 @@ import torch
 from soups import SoupsError
 from soups.data import decode, make_splits, read_layout
 from soups.evaluate import EvalSet, confusion, macro_f1, metrics, predict
-from soups.finetune import train_loader
+from soups.finetune import train_config, train_loader
 from soups.models import create_model, normalisation
 from soups.recipe import Recipe
-from soups.train import TrainConfig, fit, warmup_cosine
+from soups.train import fit, warmup_cosine
 from tests.conftest import TINY, make_imagefolder
 
 
@@ -25,15 +25,7 @@ def setup(root, **changes):
     model = create_model(recipe.model, 3)
     loader, _ = train_loader(splits, recipe)
     val = EvalSet.from_decoded(decode(splits.val, recipe.img_size), 3)
-    cfg = TrainConfig(
-        recipe.epochs,
-        recipe.lr,
-        recipe.weight_decay,
-        recipe.warmup,
-        recipe.clip_grad,
-        recipe.label_smoothing,
-        recipe.batch_size,
-    )
+    cfg = train_config(recipe)
     return model, loader, val, cfg
 
 
