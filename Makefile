@@ -1,4 +1,4 @@
-# make demo: set up .venv, fetch Fashion-MNIST, fine-tune, evaluate and soup against ./mlflow.db
+# make demo: set up .venv, fetch Fashion-MNIST, fine-tune, evaluate, soup and predict against ./mlflow.db
 # make test: set up .venv, run the tests (what CI runs)
 SHELL := /bin/bash
 PYTHON ?= python3.11
@@ -38,6 +38,8 @@ demo: venv data
 	$(BIN)/mlflow run . -e evaluate -P data=$(DEMO_DATA) --env-manager local
 	@echo "== greedy_soup"
 	$(BIN)/mlflow run . -e greedy_soup -P data=$(DEMO_DATA) --env-manager local
+	@echo "== infer: the champion soup next to a soft-voting ensemble of the same ingredients"
+	$(BIN)/mlflow run . -e infer -P data=$(DEMO_DATA) -P ensemble=top:$(DEMO_MEMBERS) -P output=outputs/predictions.csv --env-manager local
 	@echo; echo "See the runs: $(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)  (http://127.0.0.1:5000)"
 
 test: venv

@@ -234,13 +234,54 @@ def mask(root: Path) -> dict[str, Samples | None]:
 LAYOUT_READERS = {"fashion-mnist": fashion_mnist, "imagefolder": imagefolder, "mask": mask}
 
 
-def read_layout(layout: str, data: str | Path) -> dict[str, Samples | None]:
+def data_root(data: str | Path) -> Path:
     root = Path(data).expanduser()
     if not str(data) or not root.is_dir():
         raise SoupsError(f"data folder {str(data)!r} not found (set `data` to the dataset root)")
+    return root
+
+
+def read_layout(layout: str, data: str | Path) -> dict[str, Samples | None]:
     if layout not in LAYOUT_READERS:
         raise SoupsError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUT_READERS)}")
-    return LAYOUT_READERS[layout](root)
+    return LAYOUT_READERS[layout](data_root(data))
+
+
+def mask_eval(root: Path) -> Samples:
+    """The competition's unlabelled test images: `eval/info.csv` (ImageID, ans) in its row order,
+    the images in `eval/images/`."""
+    info = root / "eval" / "info.csv"
+    if not info.is_file():
+        raise SoupsError(f"{info} not found (mask layout: <root>/eval/info.csv with columns ImageID, ans)")
+    with info.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and "ImageID" not in rows[0]:
+        raise SoupsError(f"{info} has no ImageID column")
+    images = root / "eval" / "images"
+    keys = [str(inside(images, r["ImageID"], str(info)).relative_to(root.resolve())) for r in rows]
+    return Samples(keys, np.full(len(keys), -1, np.int64), keys, mask_classes(), root.resolve())
+
+
+def unlabelled(root: Path, classes: list[str]) -> Samples:
+    """Every image under `root`; labelled (by its first folder) only when every image sits in a
+    folder named after one of `classes`."""
+    paths = _images_under(root)
+    if not paths:
+        raise SoupsError(f"no images under {root} ({', '.join(sorted(IMAGE_EXTS))})")
+    keys = [str(p.relative_to(root)) for p in paths]
+    tops = [Path(k).parts[0] if len(Path(k).parts) > 1 else None for k in keys]
+    labelled = all(t in classes for t in tops)
+    labels = [classes.index(t) if labelled else -1 for t in tops]
+    return Samples(keys, np.asarray(labels, np.int64), keys, list(classes), root)
+
+
+def inference_inputs(recipe, classes: list[str]) -> Samples:
+    """What `infer` predicts: the mask layout's eval images, Fashion-MNIST's test split (as the
+    recipe caps it), or every image under an image folder."""
+    if recipe.layout == "fashion-mnist":
+        return load_splits(recipe).test
+    root = data_root(recipe.data)
+    return mask_eval(root) if recipe.layout == "mask" else unlabelled(root, classes)
 
 
 # ---------------------------------------------------------------------------------------------

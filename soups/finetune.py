@@ -61,7 +61,7 @@ def finetune(recipe: Recipe) -> str:
         classes = splits.train.classes
         pretrained = recipe.pretrained
         if tracking.is_mlflow_uri(pretrained):
-            pretrained = str(tracking.fetch(pretrained))
+            pretrained = str(tracking.checkpoint_for(pretrained))
         model = create_model(recipe.model, len(classes), pretrained)
         mean, std = normalisation(model)
         loader, skipped = train_loader(splits, recipe)

@@ -163,7 +163,11 @@ def make_soup(
             if s.status != "skipped"
         }
         best_id = result.steps[[s.status for s in result.steps].index("kept")].name
-        several = len(result.ingredients) > 1
+        # The soup that ships is the one that was scored: averaged weights with the BatchNorm
+        # statistics recomputed on training images (when recalibration is on).
+        final = result.state_dict
+        if len(result.ingredients) > 1 and recal:
+            final = {k: v.detach().clone() for k, v in scorer.load(final, averaged=True).state_dict().items()}
         uniform_val = scorer.correct(result.uniform, None, True) / len(val) if result.uniform else None
         table = pd.DataFrame(
             [
@@ -190,7 +194,7 @@ def make_soup(
             len(result.ingredients),
             len(own_test),
             result.correct / len(val),
-            test_accuracy(result.state_dict, several),
+            test_accuracy(final, False),
             uniform_val,
             test_accuracy(result.uniform, True) if result.uniform else None,
             result.best_correct / len(val),
@@ -216,7 +220,7 @@ def make_soup(
             run.log_figure(plots.val_vs_test(points, soups_marked), tracking.VAL_VS_TEST)
         meta = ingredients.meta
         soup = Checkpoint(
-            result.state_dict,
+            final,
             meta.model,
             meta.num_classes,
             meta.classes,

@@ -36,6 +36,8 @@ GREEDY_CURVE = "greedy_curve.png"
 VAL_VS_TEST = "val_vs_test.png"
 SCORES = "scores.csv"
 PER_CLASS_ERRORS = "per_class_errors.csv"
+PREDICTIONS = "predictions.csv"
+SKIPPED = "unreadable_images.csv"
 MODEL_NAME = "model"  # the logged MLflow model of a soup run
 # Ranking metric and the per-epoch metrics of an ingredient run (step = epoch)
 RANK_METRIC = "val_accuracy"
@@ -187,6 +189,20 @@ class Run:
             mlflow.log_metric(GREEDY_STEP_METRIC, acc, step=k)
         self.log_table(soup.table, INGREDIENTS)
 
+    def log_inference(
+        self, results: dict[str, tuple[float | None, float | None, float]], images: int, unreadable: int
+    ) -> None:
+        """Per predictor (`soup`, `ensemble`): accuracy and f1 where labels exist, seconds per image."""
+        metrics: dict[str, float | None] = {"images": images, "unreadable_images": unreadable}
+        for name, (accuracy, f1, seconds) in results.items():
+            prefix = "" if name == "soup" else f"{name}_"
+            metrics |= {
+                f"{prefix}accuracy": accuracy,
+                f"{prefix}f1": f1,
+                f"{prefix}seconds_per_image": seconds,
+            }
+        self.log_metrics(metrics)
+
     def register(self, checkpoint: Path, name: str, val_accuracy: float, split: str) -> tuple[int, str]:
         """Log the soup as an MLflow model serving images, register it as a version of `name`, and
         move alias `champion` to it when it beats the champion's val accuracy on the same split.
@@ -281,15 +297,29 @@ def cached_checkpoint(run) -> tuple[Path, bool]:
     return dst, True
 
 
-def fetch(uri: str, dst: Path | None = None) -> Path:
-    """A local file for an MLflow URI: `runs:/<id>/<path>`, `mlflow-artifacts:/…`, or a registered
-    model `models:/<name>@<alias>` / `models:/<name>/<version>` (its run's checkpoint)."""
+def checkpoint_for(uri: str) -> Path:
+    """A local soups checkpoint for a model reference: a `.pt` file, `runs:/<id>[/<path>]`,
+    `models:/<name>@<alias>` or `models:/<name>/<version>` (the checkpoint of the version's run).
+    Run checkpoints come through the sha256-checked cache."""
+    if not is_mlflow_uri(uri):
+        path = Path(uri).expanduser()
+        if path.is_file():
+            return path
+        raise SoupsError(
+            f"model {uri!r} not found: give models:/<name>@<alias>, models:/<name>/<version>, "
+            "runs:/<run id> or a checkpoint file"
+        )
     configure()
-    dst = Path(dst or tempfile.mkdtemp(prefix="soups-"))
     if uri.startswith("models:/"):
-        uri = f"runs:/{model_version(uri).run_id}/{CHECKPOINT}"
+        return cached_checkpoint(get_run(model_version(uri).run_id))[0]
+    if uri.startswith("runs:/"):
+        rid, _, artifact = uri.removeprefix("runs:/").partition("/")
+        if artifact.strip("/") in ("", CHECKPOINT):
+            return cached_checkpoint(get_run(rid))[0]
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+        return Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="soups-"))
+        )
     except (MlflowException, OSError) as e:
         raise SoupsError(f"cannot download {uri}: {str(e).splitlines()[0]}") from None
 
@@ -304,10 +334,14 @@ def model_version(uri: str):
             return client.get_model_version_by_alias(name, alias)
         name, _, version = ref.partition("/")
         return client.get_model_version(name, version)
-    except MlflowException as e:
+    except MlflowException:
+        known = [
+            f"{m.name} ({', '.join(f'@{a}' for a in m.aliases) or 'no alias'})"
+            for m in client.search_registered_models(max_results=20)
+        ]
+        listing = "; ".join(known) if known else "none"
         raise SoupsError(
-            f"{uri} does not resolve ({str(e).splitlines()[0]}); list models with "
-            "`mlflow models list` or in `mlflow ui` under Models"
+            f"{uri} does not resolve on {mlflow.get_tracking_uri()}; registered models: {listing}"
         ) from None
 
 
@@ -406,3 +440,32 @@ def log_scores(run_id: str, split: str, scores: dict[str, float]) -> None:
 
 def confusion_figure(run_id: str) -> str:
     return f"confusion/{run_id}.png"
+
+
+def run_of(uri: str):
+    """The run behind a `runs:/` or `models:/` URI (None for a local file)."""
+    if uri.startswith("models:/"):
+        return get_run(model_version(uri).run_id)
+    if uri.startswith("runs:/"):
+        return get_run(uri.removeprefix("runs:/").split("/", 1)[0])
+    return None
+
+
+def val_accuracy_of(uri: str) -> float:
+    run = run_of(uri)
+    if run is None or rank_score(run) is None:
+        raise SoupsError(f"weights=val: {uri} has no logged {RANK_METRIC}; give explicit weights")
+    return rank_score(run)
+
+
+def soup_metrics(uri: str) -> dict[str, float]:
+    """Test accuracies a soup run recorded for its best ingredient, uniform soup and itself."""
+    run = run_of(uri)
+    if run is None or run.data.tags.get(ROLE) != "soup":
+        return {}
+    keys = {
+        "best single": "best_ingredient_test_accuracy",
+        "uniform soup": "uniform_test_accuracy",
+        "greedy soup": "test_accuracy",
+    }
+    return {label: run.data.metrics[k] for label, k in keys.items() if k in run.data.metrics}

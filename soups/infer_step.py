@@ -1,0 +1,215 @@
+"""The infer step: predictions from a registered soup (or any checkpoint), optionally next to an
+ensemble of other models, written as the competition's submission or a plain CSV."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from soups import SoupsError, data, tracking
+from soups.ensemble import VOTES, attribute_vote, hard_vote, soft_vote
+from soups.evaluate import confusion, default_device, macro_f1
+from soups.models import Checkpoint, load_checkpoint
+from soups.predict import Predictor
+from soups.recipe import Recipe
+
+log = logging.getLogger(__name__)
+TTA = ("none", "hflip")
+BAD = -1  # the explicit label of an image that could not be read (skip_bad)
+
+
+@dataclass(frozen=True)
+class InferOptions:
+    model_uri: str = ""  # default: models:/<recipe's registered_model>@champion
+    ensemble: str = ""  # comma-separated model URIs, or top:N (the N best ingredient runs)
+    weights: str = ""  # "" equal | val (each member's val_accuracy) | w1,w2,...
+    vote: str = "soft"
+    tta: str = "none"
+    probs: bool = False
+    output: str = ""
+
+
+@dataclass
+class Prediction:
+    name: str
+    probs: torch.Tensor  # N x C over the readable images
+    seconds_per_image: float
+    accuracy: float | None = None
+    f1: float | None = None
+
+
+def predict_member(ckpt: Checkpoint, pixels: np.ndarray, tta: str, device) -> tuple[torch.Tensor, float]:
+    """Class probabilities of one model (averaged over the TTA views) and its seconds per image."""
+    predictor = Predictor(ckpt, device)
+    start = time.perf_counter()
+    probs = predictor.probabilities(pixels)
+    if tta == "hflip":
+        probs = (probs + predictor.probabilities(np.ascontiguousarray(pixels[:, :, ::-1]))) / 2
+    return probs, (time.perf_counter() - start) / max(len(pixels), 1)
+
+
+def score(pred: Prediction, labels: np.ndarray) -> Prediction:
+    if len(labels) and (labels >= 0).all():
+        guess = pred.probs.argmax(1)
+        truth = torch.from_numpy(labels)
+        pred.accuracy = float((guess == truth).float().mean())
+        pred.f1 = macro_f1(confusion(guess, truth, pred.probs.shape[1]))
+    return pred
+
+
+def submission(
+    samples: data.Samples,
+    readable: list[str],
+    labels: np.ndarray,
+    probs: torch.Tensor | None,
+    classes: list[str],
+    layout: str,
+) -> pd.DataFrame:
+    """One row per input image, in input order; unreadable images get label -1 (never dropped)."""
+    by_key = dict(zip(readable, labels.tolist(), strict=True))
+    column = [by_key.get(k, BAD) for k in samples.keys]
+    if layout == "mask":  # the competition's format: ImageID,ans in info.csv order
+        ids = [Path(k).relative_to("eval/images").as_posix() for k in samples.keys]
+        return pd.DataFrame({"ImageID": ids, "ans": column})
+    frame = pd.DataFrame(
+        {
+            "path": samples.keys,
+            "label": column,
+            "class_name": [classes[c] if c != BAD else "<unreadable>" for c in column],
+        }
+    )
+    if probs is not None:
+        rows = {k: j for j, k in enumerate(readable)}
+        full = np.full((len(samples), len(classes)), np.nan, np.float32)
+        for j, k in enumerate(samples.keys):
+            if k in rows:
+                full[j] = probs[rows[k]].numpy()
+        frame = pd.concat([frame, pd.DataFrame(full, columns=[f"p_{c}" for c in classes])], axis=1)
+    return frame
+
+
+def ensemble_members(spec: str, experiment_id: str) -> list[str]:
+    spec = spec.strip()
+    if not spec:
+        return []
+    if spec.startswith("top:"):
+        try:
+            n = int(spec[4:])
+        except ValueError:
+            raise SoupsError(f"ensemble={spec!r}: use top:<number>") from None
+        runs = tracking.ranked_ingredients(experiment_id, limit=n)
+        if not runs:
+            raise SoupsError(f"ensemble={spec}: no finished ingredient runs in experiment {experiment_id}")
+        return [f"runs:/{r.info.run_id}" for r in runs]
+    return [u.strip() for u in spec.split(",") if u.strip()]
+
+
+def member_weights(spec: str, uris: list[str]) -> list[float] | None:
+    if not spec:
+        return None
+    if spec == "val":
+        return [tracking.val_accuracy_of(u) for u in uris]
+    try:
+        return [float(w) for w in spec.split(",")]
+    except ValueError:
+        raise SoupsError(f"weights={spec!r}: use val or one number per ensemble member") from None
+
+
+def write_atomically(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        frame.to_csv(f, index=False)
+    os.replace(tmp, path)
+
+
+def infer(recipe: Recipe, opts: InferOptions) -> dict:
+    """Predict the recipe's test images with `model_uri` (and the ensemble, if any); log an
+    inference run with predictions.csv. Returns what to print."""
+    if opts.tta not in TTA:
+        raise SoupsError(f"tta={opts.tta!r} must be one of {', '.join(TTA)}")
+    if opts.vote not in VOTES:
+        raise SoupsError(f"vote={opts.vote!r} must be one of {', '.join(VOTES)}")
+    if opts.vote == "attributes" and recipe.layout != "mask":
+        raise SoupsError("vote=attributes needs the mask layout (mask, gender and age attributes)")
+    model_uri = opts.model_uri or f"models:/{recipe.registered_model}@{tracking.CHAMPION}"
+    device = default_device()
+    with tracking.start("inference", recipe.experiment) as run:
+        run.log_params(
+            {"model_uri": model_uri, "ensemble": opts.ensemble, "tta": opts.tta, "vote": opts.vote}
+        )
+        main = load_checkpoint(tracking.checkpoint_for(model_uri))
+        samples = data.inference_inputs(recipe, main.classes)
+        decoded: dict[int, data.Decoded] = {}
+
+        def pixels(size: int) -> data.Decoded:
+            if size not in decoded:  # decode once per image size
+                decoded[size] = data.decode(samples, size, recipe.workers, recipe.skip_bad, "decode")
+            return decoded[size]
+
+        images = pixels(main.img_size)
+        labels = images.labels
+        probs, spi = predict_member(main, images.pixels, opts.tta, device)
+        results = {"soup": score(Prediction(model_uri, probs, spi), labels)}
+        uris = ensemble_members(opts.ensemble, run.experiment_id)
+        if uris:
+            weights = member_weights(opts.weights, uris)
+            member_probs, total = [], 0.0
+            for uri in uris:  # one model in memory at a time; only its probabilities are kept
+                ckpt = load_checkpoint(tracking.checkpoint_for(uri))
+                if ckpt.classes != main.classes:
+                    raise SoupsError(f"ensemble member {uri} predicts other classes than {model_uri}")
+                p, s = predict_member(ckpt, pixels(ckpt.img_size).pixels, opts.tta, device)
+                member_probs.append(p)
+                total += s
+                log.info("ensemble member %s: %.2f ms per image", uri, 1000 * s)
+            if opts.vote == "soft":
+                combined = soft_vote(member_probs, weights)
+            else:
+                votes = [p.argmax(1).numpy() for p in member_probs]
+                label = hard_vote(votes) if opts.vote == "hard" else attribute_vote(votes)
+                combined = torch.nn.functional.one_hot(torch.from_numpy(label), len(main.classes)).float()
+            results["ensemble"] = score(
+                Prediction(f"{opts.vote} vote of {len(uris)}", combined, total), labels
+            )
+            log.info(
+                "an ensemble of %d models costs %d forward passes per image; the soup costs 1",
+                len(uris),
+                len(uris),
+            )
+        frame = submission(
+            samples,
+            images.keys,
+            results["soup"].probs.argmax(1).numpy(),
+            results["soup"].probs if opts.probs else None,
+            main.classes,
+            recipe.layout,
+        )
+        run.log_table(frame, tracking.PREDICTIONS)
+        if images.skipped:
+            run.log_table(pd.DataFrame({"unreadable": images.skipped}), tracking.SKIPPED)
+        run.log_inference(
+            {k: (v.accuracy, v.f1, v.seconds_per_image) for k, v in results.items()},
+            len(samples),
+            len(images.skipped),
+        )
+        if opts.output:
+            write_atomically(frame, Path(opts.output))
+        soup_run = tracking.soup_metrics(model_uri)
+    return {
+        "run_id": run.id,
+        "results": results,
+        "rows": len(frame),
+        "skipped": images.skipped,
+        "output": opts.output,
+        "soup_run": soup_run,
+        "frame": frame,
+    }

@@ -1,0 +1,236 @@
+"""infer end to end on generated data with a registered model, and the served model over HTTP."""
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from soups import tracking
+from soups.models import Checkpoint, create_model, save_checkpoint
+from tests.conftest import ROOT, free_port, make_mask_dataset, write_image, write_recipe
+
+BIN = Path(sys.executable).parent
+
+
+def tiny_checkpoint(path: Path, classes: list[str], seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = create_model("test_efficientnet", len(classes))
+    with torch.no_grad():
+        model.get_classifier().weight.normal_(0, 0.5)  # a head that says something
+    ckpt = Checkpoint(
+        model.state_dict(), "test_efficientnet", len(classes), classes, 32, "s", [0.5] * 3, [0.5] * 3
+    )
+    save_checkpoint(ckpt, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A SQLite store holding registered model `tiny` (alias champion), a mask dataset with eval/."""
+    work = tmp_path_factory.mktemp("infer")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    old = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "SOUPS_CACHE")}
+    os.environ.update(MLFLOW_TRACKING_URI=uri, SOUPS_CACHE=str(work / "cache"))
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    try:
+        data = make_mask_dataset(work / "mask", persons=3)
+        from soups.data import mask_classes
+
+        (work / "ckpt").mkdir()
+        ckpt = tiny_checkpoint(work / "ckpt" / "model.pt", mask_classes(), seed=0)
+        with tracking.start("soup", "infer-test") as run:
+            run.log_checkpoint(ckpt, tracking.sha256(ckpt))
+            run.log_split("s")
+            run.log_metrics({"val_accuracy": 0.5})
+            version, _ = run.register(ckpt, "tiny", 0.5, "s")
+        rng = np.random.default_rng(1)
+        ids = [f"{k:03d}{'.png' if k % 2 else '.jpg'}" for k in range(7)][
+            ::-1
+        ]  # not sorted: order must be kept
+        for name in ids:
+            write_image(data / "eval" / "images" / name, rng, int(rng.integers(0, 255)))
+        pd.DataFrame({"ImageID": ids, "ans": 0}).to_csv(data / "eval" / "info.csv", index=False)
+        recipe = write_recipe(
+            work / "tiny.yaml",
+            experiment="infer-test",
+            data=str(data),
+            layout="mask",
+            registered_model="tiny",
+            workers=0,
+        )
+        yield dict(uri=uri, work=work, data=data, recipe=recipe, ids=ids, version=version)
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def infer(store, *args, check=True):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "SOUPS_CACHE": str(store["work"] / "cache")}
+    env.pop("MLFLOW_RUN_ID", None)
+    out = subprocess.run(
+        [sys.executable, "entrypoints/infer.py", "--recipe", str(store["recipe"]), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_mask_submission_keeps_info_csv_order_and_format(store, tmp_path):
+    out = infer(store, "--output", str(tmp_path / "sub.csv"))
+    sub = pd.read_csv(tmp_path / "sub.csv")
+    assert list(sub.columns) == ["ImageID", "ans"]
+    assert sub.ImageID.tolist() == store["ids"]
+    assert sub.ans.dtype.kind == "i" and sub.ans.between(0, 17).all()
+    assert "predictions.csv: 7 rows" in out.stdout
+
+
+def test_unreadable_image_is_named_or_marked_never_dropped(store, tmp_path):
+    victim = store["data"] / "eval" / "images" / store["ids"][2]
+    original = victim.read_bytes()
+    victim.write_bytes(b"")
+    try:
+        out = infer(store, check=False)
+        assert out.returncode == 1 and "Traceback" not in out.stderr
+        assert (
+            out.stderr.strip().splitlines()[-1].startswith("Error: cannot read image")
+            and str(victim) in out.stderr
+        )
+        out = infer(store, "--skip_bad", "true", "--output", str(tmp_path / "sub.csv"))
+        sub = pd.read_csv(tmp_path / "sub.csv")
+        assert len(sub) == 7 and sub.ans.tolist()[2] == -1 and (sub.ans.drop(index=2) >= 0).all()
+        assert "1 unreadable marked -1" in out.stdout
+    finally:
+        victim.write_bytes(original)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--model_uri", "models:/tiny@nope"],
+            "models:/tiny@nope does not resolve .* registered models: tiny \\(@champion\\)",
+        ),
+        (["--model_uri", "models:/ghost/1"], "models:/ghost/1 does not resolve"),
+        (["--model_uri", "/no/such/model.pt"], "model '/no/such/model.pt' not found"),
+        (["--vote", "attributes", "--layout", "imagefolder"], "vote=attributes needs the mask layout"),
+    ],
+)
+def test_bad_model_references_fail_in_one_line(store, args, message):
+    import re
+
+    out = infer(store, *args, check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert re.search(message, out.stderr.strip().splitlines()[-1]), out.stderr[-500:]
+
+
+def test_labelled_folder_ensemble_and_tta(store, tmp_path):
+    classes = ["cat", "dog", "fox"]
+    folder = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for c in classes:
+        for k in range(3):
+            write_image(folder / c / f"{k}.jpg", rng, 50 + 80 * classes.index(c))
+    members = [tiny_checkpoint(tmp_path / f"m{k}" / "model.pt", classes, seed=k) for k in range(3)]
+    out = infer(
+        store,
+        "--layout",
+        "imagefolder",
+        "--data",
+        str(folder),
+        "--model_uri",
+        str(members[0]),
+        "--ensemble",
+        ",".join(map(str, members)),
+        "--weights",
+        "1,2,3",
+        "--tta",
+        "hflip",
+        "--probs",
+        "true",
+        "--output",
+        str(tmp_path / "p.csv"),
+    )
+    pred = pd.read_csv(tmp_path / "p.csv")
+    assert list(pred.columns) == ["path", "label", "class_name", "p_cat", "p_dog", "p_fox"]
+    assert len(pred) == 9 and np.allclose(pred[["p_cat", "p_dog", "p_fox"]].sum(1), 1, atol=1e-5)
+    assert "ensemble: soft vote of 3" in out.stdout
+    import mlflow
+
+    client = mlflow.MlflowClient(store["uri"])
+    run = client.get_run(out.stdout.strip().split()[-1])
+    m = run.data.metrics
+    assert {"accuracy", "f1", "ensemble_accuracy", "seconds_per_image", "ensemble_seconds_per_image"} <= set(
+        m
+    )
+    assert run.data.tags["soups.role"] == "inference" and run.data.params["tta"] == "hflip"
+
+
+def test_served_soup_answers_like_infer(store, tmp_path):
+    """`mlflow models serve` on 127.0.0.1 with the registered model: two real images posted as
+    base64, the answers equal infer's for the same files; then the server is stopped."""
+    infer(store, "--output", str(tmp_path / "sub.csv"))
+    expected = pd.read_csv(tmp_path / "sub.csv").set_index("ImageID").ans
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "PATH": f"{BIN}:{os.environ['PATH']}"}
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            "models:/tiny@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[
+                    -2000:
+                ]
+                time.sleep(0.5)
+        names = store["ids"][:2]
+        images = [
+            base64.b64encode((store["data"] / "eval" / "images" / n).read_bytes()).decode() for n in names
+        ]
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[i] for i in images]}}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as r:
+            answer = json.loads(r.read())["predictions"]
+        assert [a["label"] for a in answer] == [int(expected[n]) for n in names]
+        assert all(0 < a["probability"] <= 1 and a["class_name"].count("/") == 2 for a in answer)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
