@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,9 +51,19 @@ def train_config(recipe: Recipe) -> TrainConfig:
     return TrainConfig(**{f: getattr(recipe, f) for f in TrainConfig.__dataclass_fields__})
 
 
-def finetune(recipe: Recipe) -> str:
-    """Fine-tune sweep member `recipe.i` and log it as an ingredient run; returns the run id."""
-    with tracking.start("ingredient", recipe.experiment) as run:
+def finetune(
+    recipe: Recipe,
+    parent: tracking.Run | None = None,
+    tags: dict | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    on_start: Callable[[str], None] | None = None,
+) -> str:
+    """Fine-tune sweep member `recipe.i` and log it as an ingredient run (a child of `parent` in a
+    sweep); `on_epoch` also sees each epoch's metrics and may raise `soups.Stopped`. Returns the
+    run id."""
+    with tracking.start("ingredient", recipe.experiment, parent, tags) as run:
+        if on_start is not None:
+            on_start(run.id)
         run.log_params(params(recipe))
         run.log_recipe(to_yaml(recipe))
         torch.manual_seed(recipe.seed)
@@ -76,7 +87,13 @@ def finetune(recipe: Recipe) -> str:
             }
         )
         val_set = EvalSet.from_decoded(val, len(classes))
-        fit(model, loader, val_set, train_config(recipe), mean, std, default_device(), run.log_epoch)
+
+        def report(epoch: int, metrics: dict[str, float]) -> None:
+            run.log_epoch(epoch, metrics)
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+
+        fit(model, loader, val_set, train_config(recipe), mean, std, default_device(), report)
         ckpt = Checkpoint(
             model.state_dict(),
             model=recipe.model,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import shlex
 import tempfile
 import time
@@ -15,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from soups import SoupsError
+from soups import SoupsError, Stopped
 from soups.models import sha256
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,9 @@ log = logging.getLogger(__name__)
 ROLE = "soups.role"  # pretrain | ingredient | evaluation | soup | inference | sweep
 SPLIT = "soups.split"  # fingerprint of the held-out file lists
 SHA256 = "soups.sha256"  # of the checkpoint artifact
+STOPPED = "soups.stopped"  # why training stopped early (a pruned sweep trial)
+STUDY = "soups.study"  # the Optuna study of a sweep and its trials
+TRIAL = "optuna_trial"
 # Artifacts
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT = f"{CHECKPOINT_DIR}/model.pt"
@@ -125,37 +130,49 @@ class Run:
             self.client.log_batch(self.id, params=items[start : start + MAX_PARAMS_PER_BATCH])
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=epoch)
+        self.log_metrics(metrics, step=epoch)
 
     def log_metrics(self, metrics: dict[str, float | None], step: int | None = None) -> None:
         """Log the metrics that have a value (a dataset without a test split has no test score)."""
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        self.client.log_batch(self.id, metrics=items)
 
     def log_recipe(self, text: str) -> None:
-        mlflow.log_text(text, RECIPE)
+        self.client.log_text(self.id, text, RECIPE)
 
     def log_split(self, fingerprint: str) -> None:
-        mlflow.set_tag(SPLIT, fingerprint)
+        self.client.set_tag(self.id, SPLIT, fingerprint)
 
     def log_checkpoint(self, path: Path, digest: str) -> None:
         """Upload `path` as `checkpoint/model.pt`, then tag its sha256: a run carries the tag only
         once its checkpoint is whole."""
         if Path(path).name != Path(CHECKPOINT).name:
             raise ValueError(f"checkpoint file must be named {Path(CHECKPOINT).name}")
-        mlflow.log_artifact(str(path), CHECKPOINT_DIR)
-        mlflow.set_tag(SHA256, digest)
+        self.client.log_artifact(self.id, str(path), CHECKPOINT_DIR)
+        self.client.set_tag(self.id, SHA256, digest)
 
     @property
     def experiment_id(self) -> str:
         return self.client.get_run(self.id).info.experiment_id
 
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.id, text, name)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.id, k, str(v))
+
+    def finish(self) -> None:
+        self.client.set_terminated(self.id, "FINISHED")
+
     def log_table(self, frame, name: str) -> None:
-        mlflow.log_text(frame.to_csv(index=False), name)
+        self.client.log_text(self.id, frame.to_csv(index=False), name)
 
     def log_figure(self, figure, name: str) -> None:
         import matplotlib.pyplot as plt
 
-        mlflow.log_figure(figure, name)
+        self.client.log_figure(self.id, figure, name)
         plt.close(figure)
 
     def log_soup(self, soup) -> None:
@@ -186,7 +203,7 @@ class Run:
             }
         )
         for k, acc in soup.curve:
-            mlflow.log_metric(GREEDY_STEP_METRIC, acc, step=k)
+            self.log_metrics({GREEDY_STEP_METRIC: acc}, step=k)
         self.log_table(soup.table, INGREDIENTS)
 
     def log_inference(
@@ -221,18 +238,25 @@ class Run:
 
 
 @contextmanager
-def start(role: str, experiment: str) -> Iterator[Run]:
-    """Attach to the run `mlflow run` created (MLFLOW_RUN_ID), or start one in `experiment`.
-    The run ends FINISHED, FAILED on an exception, KILLED on Ctrl-C."""
+def start(role: str, experiment: str, parent: Run | None = None, tags: dict | None = None) -> Iterator[Run]:
+    """Attach to the run `mlflow run` created (MLFLOW_RUN_ID), or start one in `experiment`; with
+    `parent`, start a child run in the parent's experiment. The run ends FINISHED, FAILED on an
+    exception, KILLED on Ctrl-C or when training was stopped early (`soups.Stopped`)."""
     configure()
-    run_id = os.environ.get("MLFLOW_RUN_ID")
+    run_id = None if parent else os.environ.get("MLFLOW_RUN_ID")
     if run_id:  # under `mlflow run`: never set_experiment here, it raises
         active = mlflow.start_run(run_id=run_id)
+    elif parent:
+        active = mlflow.start_run(experiment_id=parent.experiment_id, parent_run_id=parent.id)
     else:
         active = mlflow.start_run(experiment_id=experiment_id(experiment))
     try:
-        mlflow.set_tag(ROLE, role)
+        mlflow.set_tags({ROLE: role, **(tags or {})})
         yield Run(active.info.run_id)
+    except Stopped as e:
+        mlflow.set_tag(STOPPED, str(e))
+        mlflow.end_run("KILLED")
+        raise
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
         raise
@@ -429,13 +453,7 @@ def has_score(run, split: str) -> bool:
 
 def log_scores(run_id: str, split: str, scores: dict[str, float]) -> None:
     """Held-out scores into an (already finished) ingredient run, as `<split>_<metric>`."""
-    MlflowClient().log_batch(
-        run_id,
-        metrics=[
-            mlflow.entities.Metric(f"{split}_{k}", float(v), int(time.time() * 1000), 0)
-            for k, v in scores.items()
-        ],
-    )
+    Run(run_id).log_metrics({f"{split}_{k}": v for k, v in scores.items()})
 
 
 def confusion_figure(run_id: str) -> str:
@@ -469,3 +487,37 @@ def soup_metrics(uri: str) -> dict[str, float]:
         "greedy soup": "test_accuracy",
     }
     return {label: run.data.metrics[k] for label, k in keys.items() if k in run.data.metrics}
+
+
+def take_project_run() -> str | None:
+    """The run `mlflow run` created for this process, taken out of the environment so that the
+    runs this process starts itself (sweep trials) never attach to it."""
+    configure()
+    return os.environ.pop("MLFLOW_RUN_ID", None)
+
+
+def experiment_of(run_id: str) -> str:
+    return get_run(run_id).info.experiment_id
+
+
+def experiment_name(experiment_id: str) -> str:
+    return MlflowClient().get_experiment(experiment_id).name
+
+
+def sweep_parent(own_run: str | None, experiment_id: str, study: str) -> Run:
+    """The sweep's parent run: the run `mlflow run` made for this worker, or a new one."""
+    client = MlflowClient()
+    run_id = own_run or client.create_run(experiment_id, run_name=f"sweep {study}").info.run_id
+    run = Run(run_id)
+    run.set_tags({ROLE: "sweep", STUDY: study})
+    return run
+
+
+def mark_sweep_worker(run_id: str, parent_id: str) -> None:
+    """Another worker's own `mlflow run` run: labelled, so that nobody takes it for the sweep."""
+    Run(run_id).set_tags({ROLE: "sweep-worker", "soups.sweep_parent": parent_id})
+
+
+def without_password(url: str) -> str:
+    """A storage URL fit for a param: the password replaced by ***."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)

@@ -173,3 +173,49 @@ def mlflow_server(workdir: Path, *extra: str):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+@contextlib.contextmanager
+def postgres_server():
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (Debian's postgresql package), as the postgres
+    user when running as root; yields its SQLAlchemy URL and removes the cluster afterwards."""
+    import glob
+    import shutil
+    import subprocess
+    import tempfile
+
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not bins:
+        pytest.skip("PostgreSQL is not installed here (apt-get install postgresql; .ci/run installs it)")
+    bindir = Path(bins[-1]).parent
+    root = os.geteuid() == 0
+    as_pg = ["runuser", "-u", "postgres", "--"] if root else []
+    work = Path(tempfile.mkdtemp(prefix="soups-pg-"))
+    work.chmod(0o755)
+    if root:
+        shutil.chown(work, "postgres", "postgres")
+    port = free_port()
+
+    def pg(*args):
+        subprocess.run([*as_pg, *args], check=True, capture_output=True, text=True, timeout=120)
+
+    try:
+        pg(str(bindir / "initdb"), "-D", str(work / "data"), "-A", "trust", "-U", "postgres")
+        options = f"-p {port} -k {work} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        pg(
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(work / "data"),
+            "-o",
+            options,
+            "-l",
+            str(work / "log"),
+            "-w",
+            "start",
+        )
+        try:
+            yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+        finally:
+            pg(str(bindir / "pg_ctl"), "-D", str(work / "data"), "-m", "fast", "-w", "stop")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

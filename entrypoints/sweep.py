@@ -1,0 +1,59 @@
+"""mlflow run . -e sweep -P trials=8 --env-manager local"""
+
+import click
+
+from entrypoints.common import given, recipe_options, run_cli
+from soups.recipe import load_recipe
+from soups.sweep_step import PRUNERS, SAMPLERS, SweepOptions, sweep
+
+
+@click.command(
+    help="Fine-tune the recipe's search space as an Optuna study: one parent run (soups.role=sweep) and "
+    "one nested ingredient run per trial. Start the same command on several processes or machines "
+    "(same study, storage and MLFLOW_TRACKING_URI) and they share the trials. Any recipe option "
+    "given here is fixed for every trial."
+)
+@recipe_options()
+@click.option(
+    "--trials", type=int, default=8, show_default=True, help="Trials in the study, all workers together."
+)
+@click.option(
+    "--sampler",
+    type=click.Choice(SAMPLERS),
+    default="random",
+    show_default=True,
+    help="random: trial k draws what finetune -P i=k draws (the paper's random search); tpe: Optuna's TPE.",
+)
+@click.option(
+    "--pruner",
+    type=click.Choice(PRUNERS),
+    default="median",
+    show_default=True,
+    help="median: stop a trial whose val_accuracy after an epoch is below the median of earlier "
+    "trials at that epoch (its run ends KILLED, tag soups.stopped, no checkpoint).",
+)
+@click.option(
+    "--study",
+    default="",
+    help="Optuna study name [default: <experiment>-<recipe file name>]; the same name resumes the study.",
+)
+@click.option(
+    "--storage",
+    default="",
+    help="Optuna storage URL, e.g. postgresql+psycopg2://user:pw@host/db "
+    "[default: optuna.db beside a SQLite tracking store].",
+)
+def main(recipe, trials, sampler, pruner, study, storage, **options):
+    fixed = given(options)
+    cfg = run_cli(lambda: load_recipe(recipe, fixed))
+    out = run_cli(lambda: sweep(recipe, cfg, fixed, SweepOptions(trials, sampler, pruner, study, storage)))
+    click.echo(
+        f"study {out['study']}: this worker ran {out['ran']} trial(s); the study has {out['total']} "
+        f"({out['complete']} complete, {out['pruned']} pruned)\n"
+        f"parent run {out['parent']}; soup its children with: "
+        f"mlflow run . -e greedy_soup -P parent={out['parent']} --env-manager local"
+    )
+
+
+if __name__ == "__main__":
+    main()
