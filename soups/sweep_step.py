@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
@@ -73,6 +74,22 @@ def default_storage() -> str:
     if uri.startswith("sqlite:///"):
         return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).with_name('optuna.db')}"
     return f"sqlite:///{Path.cwd() / 'optuna.db'}"
+
+
+def open_storage(url: str, attempts: int = 6) -> optuna.storages.BaseStorage:
+    """Optuna's storage at `url`. Workers that meet a fresh database at the same time race to
+    create its tables (PostgreSQL refuses the loser's duplicate types); the loser tries again and
+    finds them made."""
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.get_storage(url)
+        except sqlalchemy.exc.SQLAlchemyError as e:
+            if attempt == attempts - 1:
+                raise SoupsError(
+                    f"cannot open Optuna storage {tracking.without_password(url)}: {e}".split("\n")[0]
+                ) from None
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def open_study(name: str, storage: str, sampler, pruner) -> tuple[optuna.Study, bool]:
@@ -162,7 +179,7 @@ def sweep(recipe_path: str, recipe: Recipe, given: dict, opts: SweepOptions) -> 
     dists = distributions(space)
     name = opts.study or f"{recipe.experiment}-{Path(recipe_path).stem}"
     storage_url = opts.storage or default_storage()
-    storage = optuna.storages.get_storage(storage_url)
+    storage = open_storage(storage_url)
     sampler = DrawSampler(space) if opts.sampler == "random" else optuna.samplers.TPESampler(seed=recipe.seed)
     pruner = (
         optuna.pruners.MedianPruner(n_warmup_steps=1)
