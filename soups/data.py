@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import logging
 import re
 import struct
 from collections.abc import Sequence
@@ -18,10 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from soups import SoupsError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -73,6 +77,7 @@ class Splits:
     val: Samples
     test: Samples
     fingerprint: str  # of the held-out file lists: ingredients of one soup must share it
+    relabelled: tuple = ()  # (key, old label, new label) of every corrected image
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,9 +202,58 @@ def inside(root: Path, relative: str, what: str) -> Path:
     return path
 
 
-def mask(root: Path) -> dict[str, Samples | None]:
+RELABEL_ACTIONS = {
+    "swap_incorrect_normal": "the person's incorrect_mask and normal photos trade labels",
+    "incorrect_to_mask": "the person's incorrect_mask photo is a worn mask",
+    "flip_gender": "the person's gender is the other one",
+}
+
+
+def read_relabel(path: str | Path) -> dict[str, set[str]]:
+    """Label corrections by person id: a YAML mapping `action: [ids]`, or a CSV with columns
+    `id,action`. Ids are strings ("001498-1"); bare YAML numbers are read as 6-digit ids."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SoupsError(f"relabel file {path} not found")
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        if rows and not {"id", "action"} <= set(rows[0]):
+            raise SoupsError(f"relabel file {path} needs columns id, action")
+        pairs = [(r["action"].strip(), r["id"].strip()) for r in rows]
+    else:
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise SoupsError(f"relabel file {path} must map actions to lists of person ids")
+        pairs = [
+            (a, f"{i:06d}" if isinstance(i, int) else str(i)) for a, ids in raw.items() for i in ids or []
+        ]
+    out: dict[str, set[str]] = {a: set() for a in RELABEL_ACTIONS}
+    for action, pid in pairs:
+        if action not in RELABEL_ACTIONS:
+            raise SoupsError(
+                f"relabel file {path}: unknown action {action!r} (use {', '.join(RELABEL_ACTIONS)})"
+            )
+        out[action].add(pid)
+    return out
+
+
+def parse_age_bins(text: str) -> tuple[int, int]:
+    try:
+        low, high = (int(v) for v in str(text).split(","))
+    except ValueError:
+        raise SoupsError(f"age_bins={text!r} must be two ages, e.g. 30,60") from None
+    if not 0 < low < high:
+        raise SoupsError(f"age_bins={text!r} must be increasing positive ages")
+    return low, high
+
+
+def mask(root: Path, age_bins: str = "30,60", relabel: str = "") -> dict[str, Samples | None]:
     """`train/images/<id>_<gender>_<race>_<age>/{mask1..5,incorrect_mask,normal}.<ext>`; one person
-    is one group. With `train/train.csv` (column `path`), only the folders it lists are read."""
+    is one group. With `train/train.csv` (column `path`), only the folders it lists are read.
+    `relabel` corrections apply at load time; part "relabelled" lists (key, old, new) labels."""
+    bounds = parse_age_bins(age_bins)
+    fixes = read_relabel(relabel) if relabel else {a: set() for a in RELABEL_ACTIONS}
     images = root / "train" / "images"
     if not images.is_dir():
         raise SoupsError(f"{images} not found (mask layout: <root>/train/images/<id>_<gender>_<race>_<age>/)")
@@ -212,23 +266,38 @@ def mask(root: Path) -> dict[str, Samples | None]:
         folders = [inside(images, r["path"], str(listing)) for r in rows]
     else:
         folders = sorted(d for d in images.iterdir() if d.is_dir() and not d.name.startswith("."))
-    keys, labels, groups = [], [], []
+    keys, labels, groups, changed = [], [], [], []
     for folder in folders:
         m = MASK_FOLDER.match(folder.name)
         if not m:
             raise SoupsError(f"mask folder {folder} does not parse as <id>_<male|female>_<race>_<age>")
-        gender, age = GENDER_NAMES.index(m["gender"]), age_bin(int(m["age"]))
+        pid = m["id"]
+        gender, age = GENDER_NAMES.index(m["gender"]), age_bin(int(m["age"]), bounds)
         files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
         for p in files:
             if p.stem not in MASK_FILES or p.suffix.lower() not in IMAGE_EXTS:
                 raise SoupsError(f"unexpected file {p} (expected {', '.join(MASK_FILES)} images)")
+            worn, sex = MASK_FILES[p.stem], gender
+            original = mask_label(worn, sex, age)
+            if pid in fixes["swap_incorrect_normal"] and worn in (1, 2):
+                worn = 3 - worn
+            if pid in fixes["incorrect_to_mask"] and MASK_FILES[p.stem] == 1:
+                worn = 0
+            if pid in fixes["flip_gender"]:
+                sex = 1 - sex
+            label = mask_label(worn, sex, age)
             keys.append(str(p.relative_to(root)))
-            labels.append(mask_label(MASK_FILES[p.stem], gender, age))
-            groups.append(m["id"])
+            labels.append(label)
+            groups.append(pid)
+            if label != original:
+                changed.append((keys[-1], original, label))
     if not keys:
         raise SoupsError(f"no images under {images}")
-    pool = Samples(keys, np.asarray(labels, dtype=np.int64), groups, mask_classes(), root)
-    return {"pool": pool, "val": None, "test": None}
+    unknown = set().union(*fixes.values()) - set(groups)
+    if unknown:
+        log.warning("relabel: %d person id(s) not in the data, e.g. %s", len(unknown), sorted(unknown)[:3])
+    pool = Samples(keys, np.asarray(labels, dtype=np.int64), groups, mask_classes(bounds), root)
+    return {"pool": pool, "val": None, "test": None, "relabelled": changed}
 
 
 LAYOUT_READERS = {"fashion-mnist": fashion_mnist, "imagefolder": imagefolder, "mask": mask}
@@ -241,10 +310,14 @@ def data_root(data: str | Path) -> Path:
     return root
 
 
-def read_layout(layout: str, data: str | Path) -> dict[str, Samples | None]:
+def read_layout(layout: str, data: str | Path, **mask_options) -> dict:
+    """Read a dataset. `mask_options` (age_bins, relabel) belong to the mask layout alone."""
     if layout not in LAYOUT_READERS:
         raise SoupsError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUT_READERS)}")
-    return LAYOUT_READERS[layout](data_root(data))
+    if layout != "mask" and mask_options.get("relabel"):
+        raise SoupsError(f"relabel applies to the mask layout, not {layout}")
+    options = {k: v for k, v in mask_options.items() if v} if layout == "mask" else {}
+    return LAYOUT_READERS[layout](data_root(data), **options)
 
 
 def mask_eval(root: Path) -> Samples:
@@ -337,11 +410,11 @@ def make_splits(
     train = _cap(train, max_train, split_seed)
     val = _cap(val, max_val, split_seed + 1)
     test = _cap(test, max_test, split_seed + 2)
-    return Splits(train, val, test, fingerprint(val, test))
+    return Splits(train, val, test, fingerprint(val, test), tuple(parts.get("relabelled", ())))
 
 
 def load_splits(recipe) -> Splits:
-    parts = read_layout(recipe.layout, recipe.data)
+    parts = read_layout(recipe.layout, recipe.data, age_bins=recipe.age_bins, relabel=recipe.relabel)
     return make_splits(
         parts,
         recipe.val_ratio,
@@ -371,6 +444,10 @@ class Decoded:
     labels: np.ndarray
     keys: list[str]
     skipped: list[str]  # keys of unreadable images left out (skip_bad)
+
+    def subset(self, idx) -> Decoded:
+        idx = np.asarray(idx, dtype=np.int64)
+        return Decoded(self.pixels[idx], self.labels[idx], [self.keys[j] for j in idx], [])
 
 
 def decode(

@@ -25,12 +25,20 @@ class EvalReport:
     message: str = ""
 
 
-def score_run(run, given: dict, split: str, sets: dict) -> tuple[dict, np.ndarray, list[str]]:
-    """Metrics of one ingredient run on `split`, its confusion matrix and class names. Held-out
-    sets are decoded once and shared by every run with the same split and image size."""
+def score_run(run, given: dict, split: str, sets: dict):
+    """Metrics of one ingredient run on `split`, its confusion matrix, class names and a gallery of
+    its worst mistakes. Held-out sets are decoded once and shared by every run with the same split
+    and image size."""
     rid = run.info.run_id
     recipe = from_params(tracking.run_params(run), given)
-    key = (tracking.split_of(run), recipe.img_size, recipe.data, recipe.layout)
+    key = (
+        tracking.split_of(run),
+        recipe.img_size,
+        recipe.data,
+        recipe.layout,
+        recipe.age_bins,
+        recipe.relabel,
+    )
     if key not in sets:
         splits = data.load_splits(recipe)
         if splits.fingerprint != tracking.split_of(run):
@@ -54,7 +62,10 @@ def score_run(run, given: dict, split: str, sets: dict) -> tuple[dict, np.ndarra
             data.mask_attributes(logits.argmax(1).numpy()),
         )
         scores |= {f"{a}_error": float((true[a] != pred[a]).mean()) for a in data.MASK_ATTRIBUTES}
-    return scores, confusion(logits.argmax(1), evalset.labels, ckpt.num_classes), ckpt.classes
+    gallery = plots.misclassified(
+        evalset.images.numpy(), evalset.labels.numpy(), logits.softmax(1).numpy(), ckpt.classes
+    )
+    return scores, confusion(logits.argmax(1), evalset.labels, ckpt.num_classes), ckpt.classes, gallery
 
 
 def evaluate_runs(
@@ -75,7 +86,7 @@ def evaluate_runs(
         for r in runs:
             rid = r.info.run_id
             try:
-                scores, cm, classes = score_run(r, given, split, sets)
+                scores, cm, classes, gallery = score_run(r, given, split, sets)
             except SoupsError as e:
                 rows.append({"run_id": rid, "error": str(e)})
                 continue
@@ -86,6 +97,8 @@ def evaluate_runs(
                 tracking.log_scores(rid, split, scores)
             figure = plots.confusion_matrix(cm, classes, f"run {rid[:8]} on {split}")
             run.log_figure(figure, tracking.confusion_figure(rid))
+            if gallery is not None:
+                run.log_figure(gallery, tracking.gallery_figure(rid))
             per_class[rid[:8]] = 1 - np.diag(cm) / np.maximum(cm.sum(1), 1)
             per_class.setdefault("class", classes)
         scores = pd.DataFrame(rows)

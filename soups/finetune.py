@@ -8,11 +8,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from soups import data, tracking
+from soups import SoupsError, data, tracking
 from soups.augment import pipeline
 from soups.evaluate import EvalSet, default_device
+from soups.losses import objective
 from soups.models import Checkpoint, create_model, normalisation, save_checkpoint
 from soups.recipe import Recipe, params, to_yaml
 from soups.train import TrainConfig, fit
@@ -20,31 +22,68 @@ from soups.train import TrainConfig, fit
 log = logging.getLogger(__name__)
 
 
+def oversampled_classes(spec: str, classes: list[str]) -> list[int]:
+    """Class indices named by `oversample`: names or indices, comma-separated, or `old`."""
+    picked = []
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        if item == "old":
+            old = [j for j, c in enumerate(classes) if c.rsplit("/", 1)[-1].startswith(">=")]
+            if not old:
+                raise SoupsError("oversample=old needs the mask layout's age classes")
+            picked += old
+        elif item in classes:
+            picked.append(classes.index(item))
+        elif item.isdigit() and int(item) < len(classes):
+            picked.append(int(item))
+        else:
+            raise SoupsError(f"oversample: {item!r} is not a class (classes: {', '.join(classes[:6])}, ...)")
+    return sorted(set(picked))
+
+
 def train_loader(splits: data.Splits, recipe: Recipe) -> tuple[torch.utils.data.DataLoader, int]:
-    """Batches of the training split with the recipe's augmentation; decoded images stay in
-    memory when they fit in `cache_mb`. Returns the loader and how many images were skipped."""
+    """Batches of the training split with the recipe's augmentation, plus the `oversample`
+    classes repeated with their own augmentation, drawn from the training split alone; decoded
+    images stay in memory when they fit in `cache_mb`. Returns the loader and how many images
+    were skipped as unreadable."""
     size, skipped = recipe.img_size, 0
     source: data.Decoded | data.Samples = splits.train
     if data.fits_in_memory(splits.train, size, recipe.cache_mb):
         source = data.decode(splits.train, size, recipe.workers, recipe.skip_bad, "decode train")
         skipped = len(source.skipped)
     transform = pipeline(recipe.aug, size, recipe.seed)
+    parts = [data.ImageDataset(source, size, transform)]
+    extra_transform = None
+    if recipe.oversample and recipe.oversample_factor > 1:
+        targets = oversampled_classes(recipe.oversample, splits.train.classes)
+        rows = np.flatnonzero(np.isin(source.labels, targets))
+        extra_transform = pipeline(recipe.oversample_aug, size, recipe.seed + 1)
+        parts += [data.ImageDataset(source.subset(rows), size, extra_transform)] * (
+            recipe.oversample_factor - 1
+        )
 
     def seed_worker(worker_id: int) -> None:  # distinct, reproducible augmentation per worker
-        if transform is not None:
-            transform.set_random_seed(torch.initial_seed() % 2**32)
+        for t, offset in ((transform, 0), (extra_transform, 1)):
+            if t is not None:
+                t.set_random_seed((torch.initial_seed() + offset) % 2**32)
 
+    dataset = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
     loader = torch.utils.data.DataLoader(
-        data.ImageDataset(source, size, transform),
+        dataset,
         batch_size=recipe.batch_size,
         shuffle=True,
-        drop_last=len(source.labels) > recipe.batch_size,  # a size-1 last batch breaks BatchNorm
+        drop_last=len(dataset) > recipe.batch_size,  # a size-1 last batch breaks BatchNorm
         num_workers=recipe.workers,
         worker_init_fn=seed_worker,
         generator=torch.Generator().manual_seed(recipe.seed),
         persistent_workers=False,
     )
     return loader, skipped
+
+
+def attribute_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Mask layout: val accuracy of each attribute (mask, gender, age) on its own."""
+    true, pred = data.mask_attributes(labels.numpy()), data.mask_attributes(logits.argmax(1).numpy())
+    return {f"val_{a}_accuracy": float((true[a] == pred[a]).mean()) for a in data.MASK_ATTRIBUTES}
 
 
 def train_config(recipe: Recipe) -> TrainConfig:
@@ -69,6 +108,8 @@ def finetune(
         torch.manual_seed(recipe.seed)
         splits = data.load_splits(recipe)
         run.log_split(splits.fingerprint)
+        if recipe.relabel:
+            run.log_relabel(splits.relabelled, Path(recipe.relabel))
         classes = splits.train.classes
         pretrained = recipe.pretrained
         if tracking.is_mlflow_uri(pretrained):
@@ -93,7 +134,15 @@ def finetune(
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
 
-        fit(model, loader, val_set, train_config(recipe), mean, std, default_device(), report)
+        loss = objective(
+            recipe.loss,
+            model,
+            label_smoothing=recipe.label_smoothing,
+            focal_gamma=recipe.focal_gamma,
+            supcon_weight=recipe.supcon_weight,
+        )
+        extra = attribute_accuracy if recipe.layout == "mask" else None
+        fit(model, loader, val_set, train_config(recipe), mean, std, default_device(), report, loss, extra)
         ckpt = Checkpoint(
             model.state_dict(),
             model=recipe.model,

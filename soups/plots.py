@@ -74,3 +74,35 @@ def confusion_matrix(cm: np.ndarray, classes: list[str], title: str):
     ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.tight_layout()
     return fig
+
+
+def misclassified(
+    images: np.ndarray,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    per_class: int = 3,
+    cap: int = 36,
+):
+    """The most confidently wrong held-out images, up to `per_class` for each true class and `cap`
+    in all, titled true -> predicted (confidence). None when nothing is wrong."""
+    preds = probs.argmax(1)
+    confidence = probs.max(1)
+    picked = []
+    for c in range(len(classes)):
+        wrong = np.flatnonzero((labels == c) & (preds != c))
+        picked += wrong[np.argsort(-confidence[wrong])][:per_class].tolist()
+    picked = sorted(picked, key=lambda j: -confidence[j])[:cap]
+    if not picked:
+        return None
+    cols = min(6, len(picked))
+    rows = -(-len(picked) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, j in zip(axes.flat, sorted(picked, key=lambda j: (labels[j], -confidence[j])), strict=False):
+        ax.imshow(images[j])
+        ax.set_title(f"{classes[labels[j]]}\n-> {classes[preds[j]]} ({confidence[j]:.2f})", fontsize=7)
+    fig.suptitle("Most confident mistakes (true -> predicted)", fontsize=9)
+    fig.tight_layout()
+    return fig

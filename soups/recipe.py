@@ -45,7 +45,23 @@ class Recipe:
     clip_grad: float = _f(1.0, "Clip the gradient norm to this value (0 disables).")
     label_smoothing: float = _f(0.1, "Label smoothing of the cross-entropy loss.")
     aug: str = _f("light", "Training augmentation: none | light | medium | heavy.")
-    loss: str = _f("cross_entropy", "Training loss.", choices=("cross_entropy",))
+    loss: str = _f(
+        "cross_entropy",
+        "Training loss: cross_entropy | focal | supcon (supervised contrastive on a projection head, "
+        "added to cross-entropy).",
+        choices=("cross_entropy", "focal", "supcon"),
+    )
+    focal_gamma: float = _f(2.0, "Focusing exponent of the focal loss.")
+    supcon_weight: float = _f(0.1, "Weight of the supervised-contrastive term (loss=supcon).")
+    oversample: str = _f(
+        "",
+        "Repeat these classes of the training split: comma-separated class names or indices, or "
+        "`old` (every >=60 class of the mask layout). Never val or test images.",
+    )
+    oversample_factor: int = _f(2, "How many times an oversampled image is seen per epoch in all.")
+    oversample_aug: str = _f("heavy", "Augmentation of the repeated images: none | light | medium | heavy.")
+    relabel: str = _f("", "Mask layout: YAML of label corrections by person id, applied at load time.")
+    age_bins: str = _f("30,60", "Mask layout: the two age boundaries, young < a <= middle < b <= old.")
     seed: int = _f(0, "Seed for weight init of the head, data order and augmentation.")
     val_ratio: float = _f(0.1, "Share of groups held out for validation (ranking and soups).")
     test_ratio: float = _f(0.1, "Share of groups held out for testing, where the data has no test set.")

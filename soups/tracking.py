@@ -141,6 +141,15 @@ class Run:
     def log_recipe(self, text: str) -> None:
         self.client.log_text(self.id, text, RECIPE)
 
+    def log_relabel(self, changes, source: Path) -> None:
+        """The corrections file as given, every changed label, and how many changed."""
+        import pandas as pd
+
+        self.client.log_artifact(self.id, str(source), "relabel")
+        frame = pd.DataFrame(list(changes), columns=["image", "old_label", "new_label"])
+        self.log_table(frame, "relabel/changed_labels.csv")
+        self.log_metrics({"relabelled_images": len(frame)})
+
     def log_split(self, fingerprint: str) -> None:
         self.client.set_tag(self.id, SPLIT, fingerprint)
 
@@ -458,6 +467,10 @@ def log_scores(run_id: str, split: str, scores: dict[str, float]) -> None:
 
 def confusion_figure(run_id: str) -> str:
     return f"confusion/{run_id}.png"
+
+
+def gallery_figure(run_id: str) -> str:
+    return f"mistakes/{run_id}.png"
 
 
 def run_of(uri: str):

@@ -9,13 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from soups import SoupsError
 from soups.data import model_input
 from soups.evaluate import EvalSet, autocast, metrics, predict
+from soups.losses import CrossEntropy
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,14 @@ def fit(
     std: list[float],
     device: torch.device | str = "cpu",
     on_epoch: Callable[[int, dict[str, float]], None] = lambda epoch, m: None,
+    objective: nn.Module | None = None,
+    extra_metrics: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | None = None,
 ) -> dict[str, float]:
     """Fine-tune `model` in place; returns the last epoch's metrics. `on_epoch(epoch, metrics)`
-    gets train_loss, val_loss, val_accuracy, val_f1 and images_per_s after each epoch (1-based)."""
+    gets train_loss, val_loss, val_accuracy, val_f1, images_per_s and `extra_metrics(val logits,
+    val labels)` after each epoch (1-based). `objective(model, x, y)` is the loss (default:
+    cross-entropy with the config's label smoothing); its own parameters train too."""
+    objective = (objective or CrossEntropy(cfg.label_smoothing)).to(device)
     device = torch.device(device)
     if cfg.epochs < 1:
         raise SoupsError(f"epochs={cfg.epochs} must be >= 1")
@@ -61,8 +66,9 @@ def fit(
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]  # norms, biases
+    trainable = [p for p in [*model.parameters(), *objective.parameters()] if p.requires_grad]
+    decay = [p for p in trainable if p.ndim > 1]
+    no_decay = [p for p in trainable if p.ndim <= 1]  # norms, biases
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
@@ -80,7 +86,7 @@ def fit(
                 x = x.contiguous(memory_format=torch.channels_last)
             y = labels.to(device, non_blocking=True)
             with autocast(device):
-                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+                loss = objective(model, x, y)
             if not torch.isfinite(loss):
                 raise SoupsError(
                     f"loss became {loss.item()} at epoch {epoch}, step {step}: lower lr (now {cfg.lr:g})"
@@ -99,13 +105,15 @@ def fit(
                 refresh=False,
             )
         elapsed = time.perf_counter() - start
-        scores = metrics(predict(model, val, mean, std, cfg.batch_size * 2, device), val.labels)
+        logits = predict(model, val, mean, std, cfg.batch_size * 2, device)
+        scores = metrics(logits, val.labels)
         last = {
             "train_loss": loss_sum / seen,
             "val_loss": scores["loss"],
             "val_accuracy": scores["accuracy"],
             "val_f1": scores["f1"],
             "images_per_s": seen / elapsed,
+            **(extra_metrics(logits, val.labels) if extra_metrics else {}),
         }
         on_epoch(epoch, last)
     return last
