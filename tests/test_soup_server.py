@@ -197,7 +197,7 @@ def test_evaluate_logs_test_scores_into_the_runs(world, tmp_path):
     scores = pd.read_csv(client.download_artifacts(ev.info.run_id, "scores.csv", str(tmp_path)))
     assert len(scores) == 5 and scores.error.notna().sum() == 1
     arts = {a.path for a in client.list_artifacts(ev.info.run_id)}
-    assert {"scores.csv", "per_class_errors.csv", "confusion"} <= arts
+    assert {"scores.csv", "per_class_errors.csv", "confusion", "mistakes"} <= arts
     assert len(client.list_artifacts(ev.info.run_id, "confusion")) == 4
     again = sh(
         [sys.executable, "entrypoints/evaluate.py", "--recipe", str(world["recipe"])],
