@@ -1,0 +1,74 @@
+"""Shared by the benchmarks: realistic generated images and one way to report a row.
+
+Every benchmark measures both sides in one process (or one invocation) and prints the ratio: the
+machine is shared and noisy, so absolute times drift but ratios measured side by side hold."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+RESULTS = Path(os.environ.get("SOUPS_BENCH_RESULTS", "bench/results"))
+
+
+def photo(rng: np.random.Generator, height: int = 512, width: int = 384) -> Image.Image:
+    """A JPEG-realistic picture: smooth shapes plus noise (flat colour would compress unrealistically)."""
+    y, x = np.mgrid[0:height, 0:width]
+    img = np.zeros((height, width, 3), np.float32)
+    for c in range(3):
+        fx, fy, phase = rng.uniform(0.005, 0.03, 2).tolist() + [rng.uniform(0, 6.3)]
+        img[..., c] = 127 + 80 * np.sin(fx * x + fy * y + phase)
+    cy, cx, r = rng.integers(100, 400), rng.integers(80, 300), rng.integers(40, 120)
+    img[(y - cy) ** 2 + (x - cx) ** 2 < r**2] *= rng.uniform(0.4, 1.4, 3)
+    img += rng.normal(0, 12, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def mask_dataset(root: Path, persons: int, seed: int = 0) -> Path:
+    """A mask-layout folder of 384x512 JPEGs (7 per person)."""
+    done = root / ".complete"
+    if done.exists():
+        return root
+    rng = np.random.default_rng(seed)
+    stems = ["mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal"]
+    for p in range(persons):
+        folder = (
+            root / "train" / "images" / f"{p:06d}_{('male', 'female')[p % 2]}_Asian_{(20, 45, 65)[p % 3]}"
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        for stem in stems:
+            photo(rng).save(folder / f"{stem}.jpg", quality=90)
+    done.touch()
+    return root
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def report(name: str, rows: list[dict], command: str) -> None:
+    """Print the rows and keep them for docs/BENCHMARKS.md. Each row: what, a, b, ratio, target, ok."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        verdict = "" if row.get("ok") is None else ("  PASS" if row["ok"] else "  MISS")
+        print(
+            f"{row['what']}: {row['a']} | {row['b']} | ratio {row['ratio']} (target {row['target']}){verdict}"
+        )
+    (RESULTS / f"{name}.json").write_text(
+        json.dumps({"name": name, "command": command, "rows": rows}, indent=1)
+    )
+
+
+def command() -> str:
+    return "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
