@@ -115,8 +115,8 @@ def main() -> None:
         ratio = peak[side, 16] / peak[side, 4]
         rows.append(
             {
-                "what": f"{'soups streaming' if side == 'soups' else 'seed-style'} greedy soup peak RSS, {MODEL} "
-                f"({params / 1e6:.1f} M params), all candidates kept",
+                "what": f"{side} greedy soup peak RSS, {MODEL} "
+                f"({params / 1e6:.1f} M params), every candidate kept",
                 "a": f"N=4: {peak[side, 4]:.0f} MiB",
                 "b": f"N=16: {peak[side, 16]:.0f} MiB",
                 "ratio": f"{ratio:.2f}",
