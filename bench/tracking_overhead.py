@@ -85,7 +85,7 @@ def main() -> None:
         "tracking_overhead",
         [
             {
-                "what": f"training steps/s, {MODEL} {SIZE}px, batch 64, {steps} steps, median of {args.repeats}",
+                "what": f"steps/s, {MODEL} {SIZE}px, batch 64, {steps} steps, median of {args.repeats} runs",
                 "a": f"bare timm loop {bare:.2f} steps/s",
                 "b": f"soups.train + MLflow + progress bar {ours:.2f} steps/s",
                 "ratio": f"{100 * overhead:+.1f}% overhead",

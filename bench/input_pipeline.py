@@ -1,0 +1,95 @@
+"""Input pipeline: images/s the training loader delivers (mask-layout JPEGs 384x512 -> the
+recipe's training size, `medium` augmentation, the recipe's worker count), decoding every epoch
+vs from the decoded-image cache (epoch 2+), against images/s the recipe's model consumes in
+training steps on this machine. Says which side bounds an epoch."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import command, mask_dataset, report
+from soups.data import load_splits, model_input
+from soups.finetune import train_loader
+from soups.losses import CrossEntropy
+from soups.models import create_model, normalisation
+from soups.recipe import load_recipe
+
+
+def loader_rate(loader, limit: int) -> float:
+    seen, start = 0, time.perf_counter()
+    for x, _ in loader:
+        seen += len(x)
+        if seen >= limit:
+            break
+    return seen / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--recipe", default="configs/mask.yaml")
+    parser.add_argument("--persons", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=4, help="training steps to time the model")
+    args = parser.parse_args()
+    root = mask_dataset(Path(tempfile.gettempdir()) / "soups-bench" / f"mask{args.persons}", args.persons)
+    base = {"data": str(root), "pretrained": "none", "aug": "medium", "val_ratio": 0.1, "test_ratio": 0.1}
+    lazy = load_recipe(args.recipe, {**base, "cache_mb": 0})
+    cached = load_recipe(args.recipe, base)
+    splits = load_splits(lazy)
+    n = len(splits.train)
+    uncached_rate = loader_rate(train_loader(splits, lazy)[0], n)
+    start = time.perf_counter()
+    loader, _ = train_loader(splits, cached)  # decodes the split once, into memory
+    decode_s = time.perf_counter() - start
+    cached_rate = loader_rate(loader, n)
+
+    model = create_model(cached.model, len(splits.train.classes)).train()
+    mean, std = normalisation(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = CrossEntropy(0.1)
+    batches = iter(loader)
+    x, y = next(batches)
+    loss_fn(model, model_input(x, mean, std), y).backward()  # warm-up step, not timed
+    seen, start = 0, time.perf_counter()
+    for _ in range(args.steps):
+        x, y = next(batches, None) or next(iter(loader))
+        opt.zero_grad()
+        loss_fn(model, model_input(x, mean, std), y).backward()
+        opt.step()
+        seen += len(x)
+    model_rate = seen / (time.perf_counter() - start)
+    slowest = min(uncached_rate, model_rate)
+    bound = "the model" if model_rate <= uncached_rate else "the loader"
+    size = f"{cached.model} at {cached.img_size}px, batch {cached.batch_size}, {cached.workers} workers"
+    report(
+        "input_pipeline",
+        [
+            {
+                "what": f"epoch 1 (decoding {n} JPEGs 384x512): loader vs model ({size})",
+                "a": f"loader {uncached_rate:.0f} img/s",
+                "b": f"model {model_rate:.1f} img/s",
+                "ratio": f"loader {uncached_rate / model_rate:.1f}x the model",
+                "target": f"an epoch is bound by {bound}",
+                "ok": None,
+            },
+            {
+                "what": "epoch 2+ from the decoded-image cache (decoded once in "
+                f"{decode_s:.1f} s, {n * cached.img_size**2 * 3 / 2**20:.0f} MiB)",
+                "a": f"loader decoding {uncached_rate:.0f} img/s",
+                "b": f"loader from cache {cached_rate:.0f} img/s",
+                "ratio": f"{cached_rate / uncached_rate:.1f}x faster",
+                "target": "cache >= decoding",
+                "ok": cached_rate >= uncached_rate,
+            },
+        ],
+        command(),
+    )
+    print(f"slowest stage {slowest:.1f} img/s: {bound} bounds an epoch")
+
+
+if __name__ == "__main__":
+    main()
