@@ -13,7 +13,7 @@ export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT ?= true
 DEMO_DATA ?= /usr/share/datasets/fashion-mnist
 DEMO_MEMBERS ?= 4
 
-.PHONY: demo test lint venv data clean
+.PHONY: demo test lint venv data clean bench
 
 venv: $(STAMP)
 
@@ -44,6 +44,10 @@ demo: venv data
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# Speed, memory and soup-quality benchmarks; rewrites docs/BENCHMARKS.md (about 15 minutes).
+bench: venv data
+	$(BIN)/python -m bench.run_all
 
 lint: venv
 	$(BIN)/ruff check .

@@ -4,6 +4,7 @@ training loop and the tracking contract."""
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -129,8 +130,17 @@ def finetune(
         )
         val_set = EvalSet.from_decoded(val, len(classes))
 
+        offline: list[int] = []  # epochs whose metrics the server did not take
+
         def report(epoch: int, metrics: dict[str, float]) -> None:
-            run.log_epoch(epoch, metrics)
+            try:
+                run.log_epoch(epoch, metrics)
+            except tracking.Unreachable as e:  # keep training: the weights matter more than a curve
+                if not offline:
+                    log.warning(
+                        "%s: training goes on; the checkpoint will be kept locally if it stays down", e
+                    )
+                offline.append(epoch)
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
 
@@ -155,5 +165,25 @@ def finetune(
         )
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.pt"
-            run.log_checkpoint(path, save_checkpoint(ckpt, path))
+            digest = save_checkpoint(ckpt, path)
+            try:
+                run.log_checkpoint(path, digest)
+            except tracking.Unreachable as e:
+                kept = keep_locally(path, run.id)
+                raise SoupsError(
+                    f"{e}: the trained checkpoint is kept at {kept} (sha256 {digest[:12]}…); run {run.id} "
+                    "stays unfinished, so no soup takes it; fine-tune again or load it with pretrained="
+                    f"{kept}"
+                ) from None
     return run.id
+
+
+UNLOGGED = Path("unlogged-checkpoints")
+
+
+def keep_locally(path: Path, run_id: str) -> Path:
+    """Move a checkpoint the server would not take to ./unlogged-checkpoints/<run id>/model.pt."""
+    dst = (UNLOGGED / run_id / path.name).resolve()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(path, dst)
+    return dst

@@ -132,7 +132,12 @@ class Run:
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         # Synchronous on purpose: MLflow's asynchronous logging thread cost 17% of the training
         # steps/s on 2 cores (bench/tracking_overhead.py); one batch per epoch costs ~1%.
-        self.log_metrics(metrics, step=epoch)
+        try:
+            self.log_metrics(metrics, step=epoch)
+        except Exception as e:
+            if unreachable(e):
+                raise Unreachable(f"tracking server {mlflow.get_tracking_uri()} unreachable") from e
+            raise
 
     def log_metrics(self, metrics: dict[str, float | None], step: int | None = None) -> None:
         """Log the metrics that have a value (a dataset without a test split has no test score)."""
@@ -160,8 +165,13 @@ class Run:
         once its checkpoint is whole."""
         if Path(path).name != Path(CHECKPOINT).name:
             raise ValueError(f"checkpoint file must be named {Path(CHECKPOINT).name}")
-        self.client.log_artifact(self.id, str(path), CHECKPOINT_DIR)
-        self.client.set_tag(self.id, SHA256, digest)
+        try:
+            self.client.log_artifact(self.id, str(path), CHECKPOINT_DIR)
+            self.client.set_tag(self.id, SHA256, digest)
+        except Exception as e:
+            if unreachable(e):
+                raise Unreachable(f"tracking server {mlflow.get_tracking_uri()} unreachable") from e
+            raise
 
     @property
     def experiment_id(self) -> str:
@@ -277,12 +287,33 @@ def start(role: str, experiment: str, parent: Run | None = None, tags: dict | No
 
 
 def _end(status: str, tags: dict | None = None) -> None:
-    """End the active run after a failure, with the tags that say why."""
+    """End the active run after a failure, with the tags that say why. When the server cannot be
+    reached the run stays RUNNING there (never an ingredient) and the original error is the one
+    the user sees."""
     try:
         if tags:
             mlflow.set_tags(tags)
-    finally:
         mlflow.end_run(status)
+    except Exception as e:  # the server is gone: say so, do not mask the error that ended the run
+        log.warning(
+            "could not mark the run %s on %s: %s", status, mlflow.get_tracking_uri(), str(e).splitlines()[0]
+        )
+
+
+class Unreachable(SoupsError):
+    """The tracking server did not answer, even after MLflow's own bounded retries."""
+
+
+def unreachable(error: BaseException) -> bool:
+    text = str(error)
+    markers = (
+        "Max retries exceeded",
+        "Connection refused",
+        "Failed to establish a new connection",
+        "Read timed out",
+        "RemoteDisconnected",
+    )
+    return isinstance(error, MlflowException | OSError) and any(m in text for m in markers)
 
 
 def promote(name: str, version: int, val_accuracy: float, split: str) -> str:

@@ -120,8 +120,6 @@ def mlflow_server(workdir: Path, *extra: str):
     import signal
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -149,20 +147,9 @@ def mlflow_server(workdir: Path, *extra: str):
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    (workdir / "server.pid").write_text(str(proc.pid))
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(
-                    f"mlflow server did not start: {(workdir / 'server.log').read_text()[-2000:]}"
-                )
-            time.sleep(0.5)
+        wait_until_up(f"{uri}/health", proc, workdir / "server.log")
         yield uri
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -219,3 +206,21 @@ def postgres_server():
             pg(str(bindir / "pg_ctl"), "-D", str(work / "data"), "-m", "fast", "-w", "stop")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def wait_until_up(url: str, proc, log: Path, timeout: float = 120) -> None:
+    """Poll `url` until it answers, failing with the server's log if the process dies or the time
+    runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"server at {url} did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.5)

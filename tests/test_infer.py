@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 
 from soups import tracking
 from soups.models import Checkpoint, create_model, save_checkpoint
-from tests.conftest import ROOT, free_port, make_mask_dataset, write_image, write_recipe
+from tests.conftest import ROOT, free_port, make_mask_dataset, wait_until_up, write_image, write_recipe
 
 BIN = Path(sys.executable).parent
 
@@ -208,16 +207,7 @@ def test_served_soup_answers_like_infer(store, tmp_path):
         start_new_session=True,
     )
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                    break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[
-                    -2000:
-                ]
-                time.sleep(0.5)
+        wait_until_up(f"http://127.0.0.1:{port}/ping", proc, tmp_path / "serve.log")
         names = store["ids"][:2]
         images = [
             base64.b64encode((store["data"] / "eval" / "images" / n).read_bytes()).decode() for n in names
