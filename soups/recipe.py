@@ -166,7 +166,8 @@ def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None
     i = given.get("i", values.get("i", 0))
     if i < 0:
         raise SoupsError(f"parameter i={i} must be >= 0 (it indexes the sweep member)")
-    return Recipe(**{**values, **draw(values.get("space", {}), i), **given})
+    space = given.get("space", values.get("space", {}))
+    return Recipe(**{**values, **draw(space, i), **given})
 
 
 def params(recipe: Recipe) -> dict[str, Any]:

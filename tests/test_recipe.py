@@ -71,3 +71,10 @@ def test_shipped_recipes_load_and_log_every_field(name):
     assert r.space, "a shipped recipe defines a sweep space"
     p = params(r)
     assert p["i"] == 3 and "space" not in p and set(p) >= {"lr", "model", "pretrained", "data", "split_seed"}
+
+
+def test_a_space_given_as_override_replaces_the_recipes(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", space={"lr": {"log_uniform": [1e-2, 1e-1]}})
+    narrow = {"lr": {"log_uniform": [2e-4, 4e-4]}}
+    r = load_recipe(path, {"i": 1, "space": narrow})
+    assert 2e-4 <= r.lr <= 4e-4 and r.lr == draw(narrow, 1)["lr"]
