@@ -4,6 +4,7 @@ steps share (params, metrics, tags, artifact paths). Nothing else in soups impor
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -72,7 +73,30 @@ def configure() -> str:
         os.environ.setdefault(key, value)
     uri = os.environ.setdefault("MLFLOW_TRACKING_URI", default_tracking_uri())
     create_store(uri)
+    if uri.startswith(("http://", "https://")):
+        check_access(uri)
     return uri
+
+
+@functools.cache
+def check_access(uri: str) -> None:
+    """One request to the server (once per process): a refused login or an unreachable server is
+    a one-line error here, not a traceback in the middle of a step."""
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as e:
+        if e.get_http_status_code() in (401, 403) or e.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            hint = f"user {who!r} was refused" if who else "no credentials given"
+            raise SoupsError(
+                f"tracking server {uri} refused access ({hint}): set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD"
+            ) from None
+        if unreachable(e):
+            raise Unreachable(
+                f"tracking server {uri} unreachable: is it running? ({str(e).splitlines()[0][-120:]})"
+            ) from None
+        raise
 
 
 def create_store(uri: str) -> None:

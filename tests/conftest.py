@@ -114,7 +114,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(workdir: Path, *extra: str):
+def mlflow_server(workdir: Path, *extra: str, env: dict | None = None):
     """A real `mlflow server` on 127.0.0.1 (sqlite backend, artifacts served from `workdir`), in
     its own process group, stopped with all its children afterwards."""
     import signal
@@ -123,7 +123,7 @@ def mlflow_server(workdir: Path, *extra: str):
 
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
     log = open(workdir / "server.log", "w")
     proc = subprocess.Popen(
