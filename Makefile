@@ -13,7 +13,7 @@ export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT ?= true
 DEMO_DATA ?= /usr/share/datasets/fashion-mnist
 DEMO_MEMBERS ?= 4
 
-.PHONY: demo test lint venv data clean bench
+.PHONY: demo test lint venv data clean bench stress
 
 venv: $(STAMP)
 
@@ -48,6 +48,12 @@ test: venv
 # Speed, memory and soup-quality benchmarks; rewrites docs/BENCHMARKS.md (about 15 minutes).
 bench: venv data
 	$(BIN)/python -m bench.run_all
+
+# Load, faults, bad input and security against real processes, with 12 concurrent fine-tunes;
+# ends with a table: scenario, expected, observed.
+stress: venv
+	SOUPS_STRESS=1 SOUPS_LOAD_PROCESSES=12 $(BIN)/python -m pytest -q -p no:cacheprovider \
+	  tests/test_load.py tests/test_faults.py tests/test_bad_input.py tests/test_auth.py tests/test_models.py::test_pickle_payload_is_refused_and_never_runs
 
 lint: venv
 	$(BIN)/ruff check .

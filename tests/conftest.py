@@ -224,3 +224,33 @@ def wait_until_up(url: str, proc, log: Path, timeout: float = 120) -> None:
         if proc.poll() is not None or time.time() > deadline:
             raise RuntimeError(f"server at {url} did not start: {log.read_text()[-2000:]}")
         time.sleep(0.5)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """`make stress` (SOUPS_STRESS=1): a table of scenario, expected (the test's docstring) and
+    observed (what happened, with its time)."""
+    if not os.environ.get("SOUPS_STRESS"):
+        return
+    rows = []
+    for outcome in ("passed", "failed", "error", "skipped"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if getattr(report, "when", "call") != "call" and outcome == "passed":
+                continue
+            item = next((i for i in terminalreporter.config._stress_items if i.nodeid == report.nodeid), None)
+            doc = (
+                (item.function.__doc__ or "").strip().splitlines()[0]
+                if item and item.function.__doc__
+                else ""
+            )
+            rows.append(
+                (report.nodeid.split("::", 1)[-1], doc or "passes", f"{outcome} ({report.duration:.0f} s)")
+            )
+    width = max((len(r[0]) for r in rows), default=10)
+    terminalreporter.write_line("")
+    terminalreporter.write_line(f"{'scenario':<{width}}  {'expected':<90}  observed")
+    for scenario, expected, observed in rows:
+        terminalreporter.write_line(f"{scenario:<{width}}  {expected[:90]:<90}  {observed}")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    config._stress_items = list(items)

@@ -11,6 +11,7 @@ PASSWORD = "s3cret-Passw0rd"
 
 
 def test_basic_auth_server(tmp_path, mask_root):
+    """basic-auth server: steps work with credentials; without or with a wrong password, one line."""
     ini = tmp_path / "auth.ini"
     ini.write_text(
         "[mlflow]\ndefault_permission = READ\n"

@@ -85,6 +85,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
 def test_bad_input_fails_in_one_line_with_nothing_left_behind(case, tmp_path, tracking_uri, mask_root):
+    """Exit 1, one line naming the culprit, no traceback, any run FAILED without checkpoint."""
     root = copy_of(mask_root, tmp_path)
     recipe = write_recipe(tmp_path / "r.yaml", experiment="bad", data=str(root), layout="mask", **TINY)
     args, culprit = case(root, tmp_path)
@@ -106,6 +107,7 @@ def test_bad_input_fails_in_one_line_with_nothing_left_behind(case, tmp_path, tr
 
 
 def test_missing_info_csv_is_named_by_infer(tmp_path, tracking_uri, mask_root):
+    """infer without eval/info.csv: exit 1, one line naming the file."""
     root = copy_of(mask_root, tmp_path)
     ckpt = tmp_path / "model.pt"
     from soups.data import mask_classes
@@ -136,6 +138,7 @@ def test_missing_info_csv_is_named_by_infer(tmp_path, tracking_uri, mask_root):
 
 
 def test_info_csv_paths_cannot_escape_the_dataset(tmp_path):
+    """An ImageID of ../../etc/passwd is refused."""
     from soups import SoupsError
     from soups.data import mask_eval
 

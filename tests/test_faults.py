@@ -39,6 +39,7 @@ def wait_for_epoch(client, proc, timeout=120):
 
 
 def test_sigkill_mid_training_leaves_no_ingredient_and_no_checkpoint(tmp_path, tracking_uri, mask_root):
+    """kill -9 mid-epoch: run never an ingredient, no partial checkpoint, the good run still ranks."""
     from soups import tracking
 
     good = write_recipe(
@@ -77,6 +78,7 @@ def test_sigkill_mid_training_leaves_no_ingredient_and_no_checkpoint(tmp_path, t
 
 
 def test_server_gone_mid_finetune_keeps_the_weights_locally(tmp_path, mask_root):
+    """Server killed mid-training: exit 1, one line saying where the loadable checkpoint is kept."""
     recipe = write_recipe(
         tmp_path / "r.yaml", experiment="outage", data=str(mask_root), layout="mask", **{**TINY, "epochs": 12}
     )

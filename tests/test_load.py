@@ -1,0 +1,67 @@
+"""Many fine-tunes at once against one tracking store: a real `mlflow server`, and a direct
+`sqlite:///` URI on a store nobody has created yet. `make test` runs 4 processes, `make stress` 12
+(SOUPS_LOAD_PROCESSES)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from soups.models import load_checkpoint
+from tests.conftest import ROOT, TINY, mlflow_server, write_recipe
+
+PROCESSES = int(os.environ.get("SOUPS_LOAD_PROCESSES", "4"))
+
+
+@pytest.mark.parametrize("store", ["server", "fresh sqlite"])
+def test_concurrent_finetunes_all_finish_in_the_intended_experiment(store, tmp_path, mask_root):
+    """All runs FINISHED in the recipe's experiment, all epoch metrics there, all checkpoints load."""
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        experiment="load",
+        data=str(mask_root),
+        layout="mask",
+        **{**TINY, "epochs": 2},
+        space={"seed": {"int": [0, 9999]}},
+    )
+
+    def swarm(uri: str) -> None:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "SOUPS_CACHE": str(tmp_path / "cache")}
+        env.pop("MLFLOW_RUN_ID", None)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "entrypoints/finetune.py", "--recipe", str(recipe), "--i", str(i)],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(PROCESSES)
+        ]
+        errors = [p.communicate(timeout=900)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0] * PROCESSES, [e[-800:] for e in errors if e]
+        client = mlflow.MlflowClient(uri)
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert len(runs) == PROCESSES
+        exp = client.get_experiment_by_name("load").experiment_id
+        assert all(r.info.status == "FINISHED" and r.info.experiment_id == exp for r in runs)
+        assert sorted(int(r.data.params["i"]) for r in runs) == list(range(PROCESSES))
+        for r in runs:
+            for metric in ("train_loss", "val_loss", "val_accuracy", "val_f1"):
+                assert [m.step for m in client.get_metric_history(r.info.run_id, metric)] == [1, 2]
+            path = Path(
+                client.download_artifacts(r.info.run_id, "checkpoint/model.pt", str(tmp_path / r.info.run_id))
+            )
+            assert load_checkpoint(path).num_classes == 18
+
+    if store == "server":
+        with mlflow_server(tmp_path) as uri:
+            swarm(uri)
+    else:
+        db = tmp_path / "fresh" / "mlflow.db"
+        assert not db.exists()
+        swarm(f"sqlite:///{db}")
