@@ -71,4 +71,6 @@ def report(name: str, rows: list[dict], command: str) -> None:
 
 
 def command() -> str:
-    return "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    """How to rerun this benchmark, from the repository root."""
+    module = os.path.relpath(sys.argv[0]).removesuffix(".py").replace(os.sep, ".")
+    return " ".join(["python -m", module, *sys.argv[1:]])

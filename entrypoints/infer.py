@@ -54,9 +54,15 @@ from soups.recipe import load_recipe
     help="Add one probability column per class (not for the mask submission).",
 )
 @click.option("--output", default="", help="Also write predictions.csv here.")
-def main(recipe, model_uri, ensemble, weights, vote, tta, probs, output, **options):
+@click.option(
+    "--vote_files",
+    default="",
+    help="Instead of predicting: hard-vote (or vote=attributes) these "
+    "comma-separated predictions.csv files, best first.",
+)
+def main(recipe, model_uri, ensemble, weights, vote, tta, probs, output, vote_files, **options):
     cfg = run_cli(lambda: load_recipe(recipe, given(options)))
-    opts = InferOptions(model_uri, ensemble, weights, vote, tta, probs, output)
+    opts = InferOptions(model_uri, ensemble, weights, vote, tta, probs, output, vote_files)
     out = run_cli(lambda: infer(cfg, opts))
     skipped = f", {len(out['skipped'])} unreadable marked -1" if out["skipped"] else ""
     click.echo(

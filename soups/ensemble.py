@@ -32,12 +32,16 @@ def soft_vote(probs: Sequence[torch.Tensor], weights: Sequence[float] | None = N
 
 def hard_vote(preds: Sequence[np.ndarray]) -> np.ndarray:
     """Majority of the members' predicted labels, members ordered best first: a tie goes to the
-    label of the best member among those tied."""
+    label of the best member among those tied. A negative label (an unreadable image) abstains;
+    with no vote at all the answer stays -1."""
     if not preds:
         raise SoupsError("an ensemble needs at least one member")
     stacked = np.stack([np.asarray(p, dtype=np.int64) for p in preds])  # members x N
-    out = np.empty(stacked.shape[1], dtype=np.int64)
+    out = np.full(stacked.shape[1], -1, dtype=np.int64)
     for j, column in enumerate(stacked.T):
+        column = column[column >= 0]
+        if not len(column):
+            continue
         labels, counts = np.unique(column, return_counts=True)
         tied = set(labels[counts == counts.max()].tolist())
         out[j] = next(v for v in column if v in tied)  # best member first
@@ -46,9 +50,13 @@ def hard_vote(preds: Sequence[np.ndarray]) -> np.ndarray:
 
 def attribute_vote(preds: Sequence[np.ndarray]) -> np.ndarray:
     """Mask layout: vote mask, gender and age separately, then recombine into the 18 classes."""
-    parts = [mask_attributes(p) for p in preds]
+    parts = []
+    for p in preds:
+        p = np.asarray(p, dtype=np.int64)
+        parts.append({a: np.where(p >= 0, v, -1) for a, v in mask_attributes(np.maximum(p, 0)).items()})
     votes = {a: hard_vote([p[a] for p in parts]) for a in ("mask", "gender", "age")}
-    return mask_label(votes["mask"], votes["gender"], votes["age"])
+    label = mask_label(votes["mask"], votes["gender"], votes["age"])
+    return np.where(votes["mask"] >= 0, label, -1)
 
 
 VOTES = {

@@ -35,6 +35,7 @@ class InferOptions:
     tta: str = "none"
     probs: bool = False
     output: str = ""
+    vote_files: str = ""  # comma-separated predictions.csv files to hard-vote, best first (no model)
 
 
 @dataclass
@@ -131,6 +132,25 @@ def write_atomically(frame: pd.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def vote_on_files(paths: list[str], vote: str) -> pd.DataFrame:
+    """Hard (or per-attribute) vote over predictions.csv files of the same images, best first."""
+    frames = []
+    for path in paths:
+        try:
+            frames.append(pd.read_csv(path))
+        except (OSError, pd.errors.ParserError) as e:
+            raise SoupsError(f"cannot read predictions {path}: {e}") from None
+    key, label = ("ImageID", "ans") if "ImageID" in frames[0].columns else ("path", "label")
+    for path, frame in zip(paths, frames, strict=True):
+        if not {key, label} <= set(frame.columns):
+            raise SoupsError(f"{path} lacks columns {key},{label}")
+        if frame[key].tolist() != frames[0][key].tolist():
+            raise SoupsError(f"{path} lists other images (or another order) than {paths[0]}")
+    labels = [frame[label].to_numpy() for frame in frames]
+    voted = attribute_vote(labels) if vote == "attributes" else hard_vote(labels)
+    return pd.DataFrame({key: frames[0][key], label: voted})
+
+
 def infer(recipe: Recipe, opts: InferOptions) -> dict:
     """Predict the recipe's test images with `model_uri` (and the ensemble, if any); log an
     inference run with predictions.csv. Returns what to print."""
@@ -140,6 +160,25 @@ def infer(recipe: Recipe, opts: InferOptions) -> dict:
         raise SoupsError(f"vote={opts.vote!r} must be one of {', '.join(VOTES)}")
     if opts.vote == "attributes" and recipe.layout != "mask":
         raise SoupsError("vote=attributes needs the mask layout (mask, gender and age attributes)")
+    if opts.vote_files:
+        if opts.vote == "soft":
+            raise SoupsError("vote_files holds labels, not probabilities: use vote=hard or vote=attributes")
+        paths = [p.strip() for p in opts.vote_files.split(",") if p.strip()]
+        frame = vote_on_files(paths, opts.vote)
+        with tracking.start("inference", recipe.experiment) as run:
+            run.log_params({"vote_files": opts.vote_files, "vote": opts.vote})
+            run.log_table(frame, tracking.PREDICTIONS)
+        if opts.output:
+            write_atomically(frame, Path(opts.output))
+        return {
+            "run_id": run.id,
+            "results": {},
+            "rows": len(frame),
+            "skipped": [],
+            "output": opts.output,
+            "soup_run": {},
+            "frame": frame,
+        }
     model_uri = opts.model_uri or f"models:/{recipe.registered_model}@{tracking.CHAMPION}"
     device = default_device()
     with tracking.start("inference", recipe.experiment) as run:

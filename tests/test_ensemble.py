@@ -44,3 +44,29 @@ def test_an_empty_ensemble_is_refused():
         soft_vote([])
     with pytest.raises(SoupsError):
         hard_vote([])
+
+
+def test_unreadable_marks_abstain():
+    assert hard_vote([np.array([-1, 4, -1]), np.array([3, 5, -1]), np.array([3, 5, -1])]).tolist() == [
+        3,
+        5,
+        -1,
+    ]
+    assert attribute_vote([np.array([-1]), np.array([mask_label(1, 0, 2)])]).tolist() == [mask_label(1, 0, 2)]
+
+
+def test_voting_over_prediction_files(tmp_path):
+    import pandas as pd
+
+    from soups.infer_step import vote_on_files
+
+    ids = ["a.jpg", "b.jpg", "c.jpg"]
+    files = []
+    for k, ans in enumerate([[0, 5, 17], [1, 5, 16], [1, 4, 16]]):
+        files.append(str(tmp_path / f"p{k}.csv"))
+        pd.DataFrame({"ImageID": ids, "ans": ans}).to_csv(files[-1], index=False)
+    voted = vote_on_files(files, "hard")
+    assert voted.ImageID.tolist() == ids and voted.ans.tolist() == [1, 5, 16]
+    pd.DataFrame({"ImageID": ids[::-1], "ans": [0, 0, 0]}).to_csv(tmp_path / "shuffled.csv", index=False)
+    with pytest.raises(SoupsError, match="shuffled.csv lists other images"):
+        vote_on_files([files[0], str(tmp_path / "shuffled.csv")], "hard")
