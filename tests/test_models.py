@@ -150,6 +150,7 @@ class Payload:
 
 
 def test_pickle_payload_is_refused_and_never_runs(tmp_path):
+    """A .pt whose unpickling would write a file: every loader refuses it, the file never appears."""
     marker = tmp_path / "pwned.txt"
     path = tmp_path / "model.pt"
     with open(path, "wb") as f:
