@@ -47,7 +47,6 @@ SKIPPED = "unreadable_images.csv"
 MODEL_NAME = "model"  # the logged MLflow model of a soup run
 # Ranking metric and the per-epoch metrics of an ingredient run (step = epoch)
 RANK_METRIC = "val_accuracy"
-EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_f1", "images_per_s")
 GREEDY_STEP_METRIC = "greedy_val_accuracy"  # step k: the soup after k candidates
 CHAMPION = "champion"
 CACHE_ENV = "SOUPS_CACHE"  # where downloaded checkpoints are kept, by run id
@@ -156,12 +155,8 @@ class Run:
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         # Synchronous on purpose: MLflow's asynchronous logging thread cost 17% of the training
         # steps/s on 2 cores (bench/tracking_overhead.py); one batch per epoch costs ~1%.
-        try:
+        with reachable():
             self.log_metrics(metrics, step=epoch)
-        except Exception as e:
-            if unreachable(e):
-                raise Unreachable(f"tracking server {mlflow.get_tracking_uri()} unreachable") from e
-            raise
 
     def log_metrics(self, metrics: dict[str, float | None], step: int | None = None) -> None:
         """Log the metrics that have a value (a dataset without a test split has no test score)."""
@@ -189,13 +184,9 @@ class Run:
         once its checkpoint is whole."""
         if Path(path).name != Path(CHECKPOINT).name:
             raise ValueError(f"checkpoint file must be named {Path(CHECKPOINT).name}")
-        try:
+        with reachable():
             self.client.log_artifact(self.id, str(path), CHECKPOINT_DIR)
             self.client.set_tag(self.id, SHA256, digest)
-        except Exception as e:
-            if unreachable(e):
-                raise Unreachable(f"tracking server {mlflow.get_tracking_uri()} unreachable") from e
-            raise
 
     @property
     def experiment_id(self) -> str:
@@ -326,6 +317,17 @@ def _end(status: str, tags: dict | None = None) -> None:
 
 class Unreachable(SoupsError):
     """The tracking server did not answer, even after MLflow's own bounded retries."""
+
+
+@contextmanager
+def reachable() -> Iterator[None]:
+    """Turn MLflow's "server did not answer" (after its own bounded retries) into `Unreachable`."""
+    try:
+        yield
+    except Exception as e:
+        if unreachable(e):
+            raise Unreachable(f"tracking server {mlflow.get_tracking_uri()} unreachable") from e
+        raise
 
 
 def unreachable(error: BaseException) -> bool:
