@@ -157,12 +157,11 @@ def make_soup(
             return metrics(scorer.logits(state, test, averaged), test.labels)["accuracy"] if test else None
 
         by_id = {r.info.run_id: r for r in runs}
-        own_test = {
-            s.name: test_accuracy(ingredients.load(by_id[s.name]), False)
-            for s in result.steps
-            if s.status != "skipped"
-        }
-        best_id = result.steps[[s.status for s in result.steps].index("kept")].name
+        usable = [s.name for s in result.steps if s.status != "skipped"]
+        # Each usable ingredient's own test score, reloaded one at a time from the cache; without
+        # a test split there is nothing to read them for.
+        own_test = {n: test_accuracy(ingredients.load(by_id[n]), False) if test else None for n in usable}
+        best_id = result.ingredients[0]
         # The soup that ships is the one that was scored: averaged weights with the BatchNorm
         # statistics recomputed on training images (when recalibration is on).
         final = result.state_dict
