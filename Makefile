@@ -29,15 +29,17 @@ data:
 
 demo: venv data
 	$(BIN)/python -c "from soups.tracking import configure; configure()"
+	@echo "== start: the sweep's shared starting weights, trained once"
+	$(BIN)/mlflow run . -e start -P data=$(DEMO_DATA) --env-manager local
 	@for i in $$(seq 0 $$(( $(DEMO_MEMBERS) - 1 ))); do \
-	  echo "== finetune i=$$i"; \
+	  echo "== finetune i=$$i (from the start run: the recipe says start: auto)"; \
 	  $(BIN)/mlflow run . -e finetune -P i=$$i -P data=$(DEMO_DATA) \
 	    --env-manager local || exit 1; \
 	done
 	@echo "== evaluate: test scores of every ingredient"
 	$(BIN)/mlflow run . -e evaluate -P data=$(DEMO_DATA) --env-manager local
-	@echo "== greedy_soup"
-	$(BIN)/mlflow run . -e greedy_soup -P data=$(DEMO_DATA) --env-manager local
+	@echo "== greedy_soup: the default method, every other method beside it"
+	$(BIN)/mlflow run . -e greedy_soup -P data=$(DEMO_DATA) -P compare=all --env-manager local
 	@echo "== infer: the champion soup next to a soft-voting ensemble of the same ingredients"
 	$(BIN)/mlflow run . -e infer -P data=$(DEMO_DATA) -P ensemble=top:$(DEMO_MEMBERS) -P output=outputs/predictions.csv --env-manager local
 	@echo; echo "See the runs: $(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)  (http://127.0.0.1:5000)"

@@ -1,126 +1,245 @@
-"""Soup quality on the demo recipe (Fashion-MNIST, tf_efficientnet_lite0 from ImageNet weights):
-for several split seeds, fine-tune sweep members i = 0..M-1 and compare test accuracy of the best
-single model (chosen on val), the uniform soup, the greedy soup (each with and without BatchNorm
-recalibration) and a soft-voting ensemble of the same members; plus time per image of a soup
-against the ensemble. The library is driven directly (no tracking server): the numbers are the
-same code paths the entry points run."""
+"""Soup quality on the demo recipe (Fashion-MNIST, tf_efficientnet_lite0 from ImageNet weights), on
+the full 10,000-image test set, for several split seeds. Two sweeps per seed, with the same number
+of training epochs per member:
+
+- shared start: one start run of `start_epochs` epochs (member 0's draw), then each member trains
+  `epochs` more from all of its weights, head included (the demo's recipe);
+- independent: each member trains `start_epochs + epochs` epochs from the pretrained weights.
+
+For each: the best single member (chosen on val, as the soup step's ranking does), every registered
+soup method with the soup step's defaults (BatchNorm recalibrated on 1,000 training images), and a
+soft-voting ensemble of the same members. The library is driven directly (no tracking server):
+these are the functions the entry points run. Trained members are cached under
+$SOUPS_CACHE/bench-members/ (~/.cache/soups by default): judging them again retrains nothing."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import math
+import os
 import statistics
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from bench.common import command, report
+from bench.common import RESULTS, command, report
 from soups import data
 from soups.ensemble import soft_vote
-from soups.evaluate import EvalSet, Scorer, metrics, predict
+from soups.evaluate import EvalSet, Scorer, metrics
 from soups.finetune import train_config, train_loader
-from soups.models import create_model, normalisation
-from soups.recipe import load_recipe
-from soups.soup import Candidate, greedy_soup, uniform_soup
+from soups.models import create_model, load_start, normalisation
+from soups.recipe import load_recipe, to_yaml
+from soups.soup import METHODS, Candidate, Kitchen
+from soups.soup_step import SoupOptions, held_out_sets
 from soups.train import fit
 
+DEFAULT_METHOD = "greedy"  # what `greedy_soup` registers when no method is given
 
-def one_seed(recipe_path: str, split_seed: int, members: int, overrides: dict) -> dict:
-    base = load_recipe(recipe_path, {"split_seed": split_seed, **overrides})
+
+@dataclass
+class Sweep:
+    name: str
+    states: list[dict]
+    val: list[float]  # each member's final val accuracy (the ranking metric)
+    start: dict  # the weights every member started from
+    epochs_per_member: int
+
+
+def trained(path: Path, train) -> tuple[dict, float]:
+    """A member from the cache, or trained now and cached (weights and val accuracy)."""
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        return saved["state"], saved["val"]
+    state, val = train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state": state, "val": val}, path)
+    return state, val
+
+
+def run_fit(recipe, splits, val: EvalSet, initial: dict | None):
+    torch.manual_seed(recipe.seed)
+    model = create_model(recipe.model, len(splits.train.classes), recipe.pretrained)
+    if initial is not None:
+        load_start(model, initial, "the start")
+    mean, std = normalisation(model)
+    last = fit(model, train_loader(splits, recipe)[0], val, train_config(recipe), mean, std)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, last["val_accuracy"]
+
+
+def make_sweep(args, split_seed: int, shared: bool, splits, val: EvalSet, cache: Path) -> Sweep:
+    overrides = {"split_seed": split_seed, **args.overrides}
+    base = load_recipe(args.recipe, overrides)
+    total = base.start_epochs + base.epochs
+    pretrained = create_model(base.model, len(splits.train.classes), base.pretrained).state_dict()
+    start = pretrained
+    if shared:
+        r = load_recipe(args.recipe, {**overrides, "i": 0, "epochs": base.start_epochs})
+        start, acc = trained(cache / f"start-{key(r)}.pt", lambda: run_fit(r, splits, val, None))
+        print(f"split {split_seed} start ({base.start_epochs} epochs): val {acc:.4f}", flush=True)
+    states, vals = [], []
+    for i in range(args.members):
+        r = load_recipe(args.recipe, {**overrides, "i": i, "epochs": base.epochs if shared else total})
+        tag = f"{'shared' if shared else 'indep'}-{key(r)}-{key(start) if shared else ''}"
+        state, acc = trained(
+            cache / f"{tag}.pt", lambda r=r: run_fit(r, splits, val, start if shared else None)
+        )
+        states.append(state)
+        vals.append(acc)
+        print(
+            f"split {split_seed} {'shared' if shared else 'independent'} member {i}: val {acc:.4f} "
+            f"lr {r.lr:.2e}",
+            flush=True,
+        )
+    return Sweep("shared start" if shared else "independent", states, vals, start, total)
+
+
+def key(thing) -> str:
+    """A short digest of a recipe (its YAML) or of a state dict (its first and last tensors)."""
+    if isinstance(thing, dict):
+        ks = sorted(thing)
+        text = "".join(f"{k}{thing[k].double().sum().item():.6e}" for k in ks[:3] + ks[-3:])
+    else:
+        text = to_yaml(thing)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def judge(sweep: Sweep, scorer: Scorer, test: EvalSet, methods: list[str]) -> dict:
+    """Test accuracy of the best single member (by val), each method's soup as it would ship, and
+    the soft-voting ensemble; the val accuracy and ingredients of each soup."""
+    order = sorted(range(len(sweep.states)), key=lambda k: -sweep.val[k])
+    probs, start_t = [], time.perf_counter()
+    for state in sweep.states:
+        probs.append(scorer.logits(state, test, False).softmax(1))
+    ensemble_s = (time.perf_counter() - start_t) / len(test)
+    out = {
+        "best single": metrics(probs[order[0]].log(), test.labels)["accuracy"],
+        "best single val": sweep.val[order[0]],
+        "soft-voting ensemble": metrics(soft_vote(probs).log(), test.labels)["accuracy"],
+        "ensemble s/img": ensemble_s,
+    }
+    for name in methods:
+        cands = [Candidate(str(k), lambda k=k: sweep.states[k]) for k in order]
+        started = time.perf_counter()
+        result = METHODS[name](Kitchen(cands, scorer, lambda: sweep.start))
+        state = result.state_dict
+        if result.averaged and scorer.bn_images is not None:
+            state = {k: v.clone() for k, v in scorer.load(state, True).state_dict().items()}
+        t0 = time.perf_counter()
+        logits = scorer.logits(state, test, False)
+        out["soup s/img"] = (time.perf_counter() - t0) / len(test)
+        out[name] = metrics(logits, test.labels)["accuracy"]
+        out[f"{name} val"] = result.accuracy
+        out[f"{name} kept"] = len(result.ingredients)
+        out[f"{name} s"] = t0 - started
+        print(
+            f"  {sweep.name} {name}: test {out[name]:.4f} val {result.accuracy:.4f} "
+            f"kept {len(result.ingredients)}",
+            flush=True,
+        )
+    return out
+
+
+def one_seed(args, split_seed: int, methods: list[str]) -> dict:
+    base = load_recipe(args.recipe, {"split_seed": split_seed, **args.overrides})
     splits = data.load_splits(base)
-    size, n_cls = base.img_size, len(splits.train.classes)
-    val = EvalSet.from_decoded(data.decode(splits.val, size, base.workers), n_cls)
-    test = EvalSet.from_decoded(data.decode(splits.test, size, base.workers), n_cls)
-    bn = splits.train.subset(range(min(1000, len(splits.train))))
-    bn_set = EvalSet.from_decoded(data.decode(bn, size, base.workers), n_cls)
-    states, val_acc = [], []
-    for i in range(members):
-        recipe = load_recipe(recipe_path, {"split_seed": split_seed, "i": i, **overrides})
-        torch.manual_seed(recipe.seed)
-        model = create_model(recipe.model, n_cls, recipe.pretrained)
-        mean, std = normalisation(model)
-        last = fit(model, train_loader(splits, recipe)[0], val, train_config(recipe), mean, std)
-        states.append({k: v.clone() for k, v in model.state_dict().items()})
-        val_acc.append(last["val_accuracy"])
-        print(f"split {split_seed} member {i}: val {last['val_accuracy']:.4f} lr {recipe.lr:.2e}", flush=True)
-    order = sorted(range(members), key=lambda k: -val_acc[k])
+    n_cls = len(splits.train.classes)
+    val, test, bn = held_out_sets(splits, base, n_cls, None if args.no_bn else SoupOptions.bn_images)
     skeleton = create_model(base.model, n_cls)
-    plain = Scorer(skeleton, val, mean, std)
-    recal = Scorer(create_model(base.model, n_cls), val, mean, std, bn_images=bn_set)
-
-    def test_acc(scorer, state, averaged=True) -> float:
-        return metrics(scorer.logits(state, test, averaged), test.labels)["accuracy"]
-
-    out = {"best single": test_acc(plain, states[order[0]], False)}
-    uniform = uniform_soup(states[k] for k in order)
-    out["uniform soup"] = test_acc(plain, uniform)
-    out["uniform + BN recal"] = test_acc(recal, uniform)
-    for name, scorer in (("greedy soup", plain), ("greedy + BN recal", recal)):
-        cands = [Candidate(str(k), lambda k=k: states[k]) for k in order]
-        result = greedy_soup(cands, scorer.correct, len(val))
-        final = result.state_dict
-        if scorer is recal and len(result.ingredients) > 1:
-            final = {k: v.clone() for k, v in recal.load(final, True).state_dict().items()}
-        out[name] = test_acc(scorer, final, False)
-        out[f"{name} ingredients"] = len(result.ingredients)
-    probs, start = [], time.perf_counter()
-    for state in states:
-        skeleton.load_state_dict(state)
-        probs.append(predict(skeleton, test, mean, std).softmax(1))
-    ensemble_s = time.perf_counter() - start
-    out["soft-voting ensemble"] = metrics(soft_vote(probs).log(), test.labels)["accuracy"]
-    skeleton.load_state_dict(uniform)
-    start = time.perf_counter()
-    predict(skeleton, test, mean, std)
-    out["soup s/img"], out["ensemble s/img"] = (
-        (time.perf_counter() - start) / len(test),
-        ensemble_s / len(test),
-    )
-    out["member val"] = val_acc
+    mean, std = normalisation(skeleton)
+    scorer = Scorer(skeleton, val, mean, std, 2 * base.batch_size, "cpu", bn)
+    cache = Path(os.environ.get("SOUPS_CACHE", "~/.cache/soups")).expanduser() / "bench-members"
+    out = {"test images": len(test), "val images": len(val)}
+    for shared in (True, False) if args.independent else (True,):
+        sweep = make_sweep(args, split_seed, shared, splits, val, cache)
+        out[sweep.name] = judge(sweep, scorer, test, methods)
+        out[sweep.name]["epochs per member"] = sweep.epochs_per_member
+        out[sweep.name]["member val"] = sweep.val
     return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--recipe", default="configs/demo.yaml")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", default="0,1,2", help="split seeds, comma-separated")
     parser.add_argument("--members", type=int, default=6)
-    parser.add_argument("--lr", default="", help="override the space's lr range, e.g. 6e-4,1.2e-3")
-    parser.add_argument("--epochs", type=int, default=0, help="override the recipe's epochs")
+    parser.add_argument("--methods", default=",".join(METHODS), help="soup methods to judge")
+    parser.add_argument("--set", action="append", default=[], help="recipe override key=value (repeatable)")
+    parser.add_argument(
+        "--no-independent",
+        dest="independent",
+        action="store_false",
+        help="skip the independent sweep (exploration only)",
+    )
+    parser.add_argument("--no-bn", action="store_true", help="no BatchNorm recalibration (the step's off)")
     parser.add_argument("--name", default="soup_quality")
     args = parser.parse_args()
-    overrides = {"epochs": args.epochs} if args.epochs else {}
-    if args.lr:
-        lo, hi = (float(v) for v in args.lr.split(","))
-        base = load_recipe(args.recipe)
-        overrides["space"] = {**base.space, "lr": {"log_uniform": [lo, hi]}}
-    runs = [one_seed(args.recipe, s, args.members, overrides) for s in range(args.seeds)]
-    rows = []
-    best = [r["best single"] for r in runs]
-    for name in (
-        "uniform soup",
-        "uniform + BN recal",
-        "greedy soup",
-        "greedy + BN recal",
-        "soft-voting ensemble",
-    ):
-        values = [r[name] for r in runs]
-        extra = ""
-        if name.startswith("greedy"):
-            extra = f", ingredients kept {[r[name + ' ingredients'] for r in runs]}"
-        gain = statistics.mean(values) - statistics.mean(best)
-        rows.append(
-            {
-                "what": f"test accuracy over {args.seeds} split seeds x {args.members} members{extra}",
+    args.overrides = dict(kv.split("=", 1) for kv in args.set)
+    methods = [m for m in args.methods.split(",") if m]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs = {}
+    for seed in seeds:
+        runs[seed] = one_seed(args, seed, methods)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"{args.name}_seeds.json").write_text(json.dumps(runs, indent=1))
+    report(args.name, rows(runs, methods, args), command())
+
+
+def rows(runs: dict, methods: list[str], args) -> list[dict]:
+    seeds = list(runs)
+    first = runs[seeds[0]]
+    n_test = first["test images"]
+    out = []
+    for side in [s for s in ("shared start", "independent") if s in first]:
+        epochs = first[side]["epochs per member"]
+        where = (
+            f"{len(seeds)} split seeds x {args.members} members, {side} ({epochs} epochs per member), "
+            f"{n_test} test images"
+        )
+        best = [runs[s][side]["best single"] for s in seeds]
+        for name in [*methods, "soft-voting ensemble"]:
+            values = [runs[s][side][name] for s in seeds]
+            gains = [100 * (v - b) for v, b in zip(values, best, strict=True)]
+            kept = [runs[s][side].get(f"{name} kept") for s in seeds]
+            row = {
+                "what": f"test accuracy, {where}" + (f"; ingredients kept {kept}" if kept[0] else ""),
                 "a": f"best single {pm(best)}",
                 "b": f"{name} {pm(values)}",
-                "ratio": f"{100 * gain:+.2f} points",
+                "ratio": points(gains),
                 "target": "report",
                 "ok": None,
             }
+            if side == "shared start" and name == DEFAULT_METHOD:
+                row["target"] = ">= +0.5 on average, >= 0 on every seed, >= 2 kept on every seed"
+                row["ok"] = mean(gains) >= 0.5 and min(gains) >= 0 and min(kept) >= 2
+            out.append(row)
+    if "independent" in first:
+        shared_best = {s: max((runs[s]["shared start"][m], m) for m in methods) for s in seeds}
+        best_method = max(methods, key=lambda m: mean([runs[s]["shared start"][m] for s in seeds]))
+        values = [runs[s]["shared start"][best_method] for s in seeds]
+        indep = [runs[s]["independent"]["best single"] for s in seeds]
+        gains = [100 * (v - b) for v, b in zip(values, indep, strict=True)]
+        out.append(
+            {
+                "what": f"test accuracy, {len(seeds)} split seeds, equal epochs per member "
+                f"({first['shared start']['epochs per member']}): independent sweep's best single vs the "
+                f"shared-start sweep's best soup method on average ({best_method}; best per seed "
+                f"{[m for _, m in shared_best.values()]})",
+                "a": f"independent best single {pm(indep)}",
+                "b": f"shared-start {best_method} {pm(values)}",
+                "ratio": points(gains),
+                "target": ">= 0 on average",
+                "ok": mean(gains) >= 0,
+            }
         )
-    soup_t = statistics.mean(r["soup s/img"] for r in runs)
-    ens_t = statistics.mean(r["ensemble s/img"] for r in runs)
-    rows.append(
+    soup_t = mean([runs[s]["shared start"]["soup s/img"] for s in seeds])
+    ens_t = mean([runs[s]["shared start"]["ensemble s/img"] for s in seeds])
+    out.append(
         {
             "what": f"time per test image on CPU, {args.members}-model ensemble vs one soup",
             "a": f"ensemble {1000 * ens_t:.3f} ms",
@@ -130,14 +249,25 @@ def main() -> None:
             "ok": None,
         }
     )
-    report(args.name, rows, command())
-    for r in runs:
-        print("member val accuracies:", ", ".join(f"{v:.3f}" for v in r["member val"]))
+    return out
+
+
+def points(gains: list[float]) -> str:
+    return f"{mean(gains):+.2f} ± {se(gains):.2f} points (per seed {', '.join(f'{g:+.2f}' for g in gains)})"
+
+
+def mean(values) -> float:
+    return statistics.mean(values)
+
+
+def se(values) -> float:
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
 
 
 def pm(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.2f} ± {100 * sd:.2f}"
+    return (
+        f"{100 * mean(values):.2f} ± {100 * se(values):.2f} ({', '.join(f'{100 * v:.2f}' for v in values)})"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import click
 
 from soups import SoupsError
 from soups.recipe import OPTION_FIELDS
+from soups.soup import all_params
 
 DEFAULT_RECIPE = "configs/demo.yaml"
 
@@ -40,6 +41,20 @@ def _add_recipe_options(command: Callable, names: tuple[str, ...]) -> Callable:
         type=click.Path(dir_okay=False),
         help="Recipe YAML: dataset, model, pretrained weights and the sweep's search space.",
     )(command)
+
+
+def method_options() -> Callable[[Callable], Callable]:
+    """One option per parameter of every registered soup method, declared once in its file."""
+
+    def add(command: Callable) -> Callable:
+        for p in reversed(all_params()):
+            kind = click.Choice(p.choices) if p.choices else _TYPES[type(p.default)]
+            command = click.option(
+                f"--{p.name}", type=kind, default=None, help=f"{p.help} [default: {p.default}]"
+            )(command)
+        return command
+
+    return add
 
 
 def given(values: dict[str, Any]) -> dict[str, Any]:

@@ -40,13 +40,24 @@ from soups.sweep_step import PRUNERS, SAMPLERS, SweepOptions, sweep
 @click.option(
     "--storage",
     default="",
-    help="Optuna storage URL, e.g. postgresql+psycopg2://user:pw@host/db "
-    "[default: optuna.db beside a SQLite tracking store].",
+    help="Optuna storage URL without a password, e.g. postgresql+psycopg2://user@host/db (the "
+    "password comes from PGPASSWORD or ~/.pgpass; MLflow records every -P value, so a URL holding "
+    "a password is refused) [default: $SOUPS_OPTUNA_STORAGE, else optuna.db beside a SQLite "
+    "tracking store].",
 )
-def main(recipe, trials, sampler, pruner, study, storage, **options):
+@click.option(
+    "--heartbeat",
+    type=int,
+    default=60,
+    show_default=True,
+    help="Seconds between a worker's heartbeats; a trial silent for twice that (its worker was killed) "
+    "is failed, its run marked FAILED, and retried once by the next worker.",
+)
+def main(recipe, trials, sampler, pruner, study, storage, heartbeat, **options):
     fixed = given(options)
     cfg = run_cli(lambda: load_recipe(recipe, fixed))
-    out = run_cli(lambda: sweep(recipe, cfg, fixed, SweepOptions(trials, sampler, pruner, study, storage)))
+    opts = SweepOptions(trials, sampler, pruner, study, storage, heartbeat_s=heartbeat)
+    out = run_cli(lambda: sweep(recipe, cfg, fixed, opts))
     click.echo(
         f"study {out['study']}: this worker ran {out['ran']} trial(s); the study has {out['total']} "
         f"({out['complete']} complete, {out['pruned']} pruned)\n"

@@ -53,9 +53,10 @@ def predict(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Logits (N x C, float32, on the CPU) of `model` on every image of `evalset`."""
+    """Logits (N x C, float32, on the CPU) of `model` on every image of `evalset`, computed on
+    `device` (the model is moved there: a checkpoint is always built on the CPU)."""
     device = torch.device(device)
-    model.eval()
+    model.to(device).eval()
     out = []
     for images, _ in evalset.batches(batch_size):
         with autocast(device):
@@ -123,12 +124,35 @@ class Scorer:
         self.model = model.to(self.device)
         self.held_out, self.mean, self.std = held_out, mean, std
         self.batch_size, self.bn_images = batch_size, bn_images
-        self.images_scored = 0
+        # Shared with the scorers of subsets: [held-out images scored, training images forwarded
+        # to recompute BatchNorm statistics]; both are work the soup step did.
+        self._scored = [0, 0]
+
+    @property
+    def size(self) -> int:
+        return len(self.held_out)
+
+    @property
+    def images_scored(self) -> int:
+        return self._scored[0]
+
+    @property
+    def recalibration_images(self) -> int:
+        return self._scored[1]
+
+    def subset(self, idx) -> Scorer:
+        """A scorer of the same model on part of the held-out set (its counts add to this one's)."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        part = EvalSet(self.held_out.images[idx], self.held_out.labels[idx], self.held_out.num_classes)
+        out = Scorer(self.model, part, self.mean, self.std, self.batch_size, self.device, self.bn_images)
+        out._scored = self._scored
+        return out
 
     def load(self, state: dict[str, torch.Tensor], averaged: bool) -> nn.Module:
         self.model.load_state_dict(state)
         if averaged and self.bn_images is not None:
             recalibrate_bn(self.model, self.bn_images, self.mean, self.std, self.batch_size, self.device)
+            self._scored[1] += len(self.bn_images)
         return self.model.eval()
 
     @torch.inference_mode()
@@ -142,7 +166,7 @@ class Scorer:
             with autocast(self.device):
                 preds = model(model_input(images.to(self.device), self.mean, self.std)).argmax(1).cpu()
             errors += int((preds != labels).sum())
-            self.images_scored += len(labels)
+            self._scored[0] += len(labels)
             if max_errors is not None and errors > max_errors:
                 return None
         return len(self.held_out) - errors

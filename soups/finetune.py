@@ -3,20 +3,32 @@ training loop and the tracking contract."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from soups import SoupsError, data, tracking
 from soups.augment import pipeline
 from soups.evaluate import EvalSet, default_device
 from soups.losses import objective
-from soups.models import Checkpoint, create_model, normalisation, save_checkpoint
+from soups.models import (
+    Checkpoint,
+    create_model,
+    head_keys,
+    load_checkpoint,
+    load_start,
+    normalisation,
+    save_checkpoint,
+    weights_digest,
+)
 from soups.recipe import Recipe, params, to_yaml
 from soups.train import TrainConfig, fit
 
@@ -91,6 +103,47 @@ def train_config(recipe: Recipe) -> TrainConfig:
     return TrainConfig(**{f: getattr(recipe, f) for f in TrainConfig.__dataclass_fields__})
 
 
+@dataclass(frozen=True)
+class Start:
+    """The exact weights a run starts from: their digest, the start run they came from (empty for
+    the pretrained weights) and where they were read, for the log."""
+
+    digest: str
+    run_id: str
+    source: str
+
+
+def initial_model(
+    recipe: Recipe, splits: data.Splits, experiment_id: str, role: str
+) -> tuple[nn.Module, Start]:
+    """The model a run trains, with its starting weights: the pretrained ones with a zero head, or,
+    for an ingredient with `start`, every weight of a start checkpoint trained on the same split."""
+    classes = splits.train.classes
+    if role == "start" or recipe.start == "none":
+        pretrained = recipe.pretrained
+        if tracking.is_mlflow_uri(pretrained):
+            pretrained = str(tracking.checkpoint_for(pretrained))
+        model = create_model(recipe.model, len(classes), pretrained)
+        return model, Start(weights_digest(model.state_dict()), "", f"pretrained={recipe.pretrained}")
+    if recipe.start == "auto":
+        found = tracking.newest_start(experiment_id, recipe.model, splits.fingerprint)
+        path, start_run = tracking.cached_checkpoint(found)[0], found.info.run_id
+    else:
+        path = tracking.checkpoint_for(recipe.start)
+        run = tracking.run_of(recipe.start)
+        start_run = run.info.run_id if run is not None else ""
+    ckpt = load_checkpoint(path)
+    if ckpt.split != splits.fingerprint or list(ckpt.classes) != list(classes):
+        raise SoupsError(
+            f"start {recipe.start} was trained on split {ckpt.split} with {len(ckpt.classes)} classes, this "
+            f"run uses split {splits.fingerprint} with {len(classes)}: a start trained on other data may "
+            "have seen this run's val or test images; make a start with this recipe (`-e start`)"
+        )
+    model = create_model(recipe.model, len(classes))
+    load_start(model, ckpt.state_dict, recipe.start)
+    return model, Start(weights_digest(model.state_dict()), start_run, f"start={recipe.start} ({path})")
+
+
 def finetune(
     recipe: Recipe,
     parent: tracking.Run | None = None,
@@ -101,7 +154,26 @@ def finetune(
     """Fine-tune sweep member `recipe.i` and log it as an ingredient run (a child of `parent` in a
     sweep); `on_epoch` also sees each epoch's metrics and may raise `soups.Stopped`. Returns the
     run id."""
-    with tracking.start("ingredient", recipe.experiment, parent, tags) as run:
+    return tracked_training("ingredient", recipe, parent, tags, on_epoch, on_start)
+
+
+def make_start(recipe: Recipe) -> str:
+    """The shared starting weights of a sweep, trained once and logged as a `start` run:
+    `start_epochs` epochs of member `i`'s draw, every weight (`start_mode=finetune`) or the head
+    alone (`probe`). Members given `start` continue from its every weight, head included, which
+    keeps them in one basin: their average is then a model, not a blur. Returns the run id."""
+    return tracked_training("start", dataclasses.replace(recipe, epochs=recipe.start_epochs))
+
+
+def tracked_training(
+    role: str,
+    recipe: Recipe,
+    parent: tracking.Run | None = None,
+    tags: dict | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    on_start: Callable[[str], None] | None = None,
+) -> str:
+    with tracking.start(role, recipe.experiment, parent, tags) as run:
         if on_start is not None:
             on_start(run.id)
         run.log_params(params(recipe))
@@ -111,58 +183,12 @@ def finetune(
         run.log_split(splits.fingerprint)
         if recipe.relabel:
             run.log_relabel(splits.relabelled, Path(recipe.relabel))
-        classes = splits.train.classes
-        pretrained = recipe.pretrained
-        if tracking.is_mlflow_uri(pretrained):
-            pretrained = str(tracking.checkpoint_for(pretrained))
-        model = create_model(recipe.model, len(classes), pretrained)
-        mean, std = normalisation(model)
-        loader, skipped = train_loader(splits, recipe)
-        val = data.decode(splits.val, recipe.img_size, recipe.workers, recipe.skip_bad, "decode val")
-        run.log_params(
-            {
-                "num_classes": len(classes),
-                "n_train": len(loader.dataset),
-                "n_val": len(val.labels),
-                "n_test": len(splits.test),
-                "skipped_images": skipped + len(val.skipped),
-            }
-        )
-        val_set = EvalSet.from_decoded(val, len(classes))
-
-        offline: list[int] = []  # epochs whose metrics the server did not take
-
-        def report(epoch: int, metrics: dict[str, float]) -> None:
-            try:
-                run.log_epoch(epoch, metrics)
-            except tracking.Unreachable as e:  # keep training: the weights matter more than a curve
-                if not offline:
-                    log.warning(
-                        "%s: training goes on; the checkpoint will be kept locally if it stays down", e
-                    )
-                offline.append(epoch)
-            if on_epoch is not None:
-                on_epoch(epoch, metrics)
-
-        loss = objective(
-            recipe.loss,
-            model,
-            label_smoothing=recipe.label_smoothing,
-            focal_gamma=recipe.focal_gamma,
-            supcon_weight=recipe.supcon_weight,
-        )
-        extra = attribute_accuracy if recipe.layout == "mask" else None
-        fit(model, loader, val_set, train_config(recipe), mean, std, default_device(), report, loss, extra)
-        ckpt = Checkpoint(
-            model.state_dict(),
-            model=recipe.model,
-            num_classes=len(classes),
-            classes=list(classes),
-            img_size=recipe.img_size,
-            split=splits.fingerprint,
-            mean=mean,
-            std=std,
-        )
+        model, start = initial_model(recipe, splits, run.experiment_id, role)
+        log.info("%s starts from %s (weights %s…)", role, start.source, start.digest[:12])
+        run.log_start(start.digest, start.run_id)
+        if role == "start" and recipe.start_mode == "probe":
+            freeze_all_but_head(model)
+        ckpt = train(run, recipe, splits, model, on_epoch)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.pt"
             digest = save_checkpoint(ckpt, path)
@@ -176,6 +202,68 @@ def finetune(
                     f"{kept}"
                 ) from None
     return run.id
+
+
+def freeze_all_but_head(model: nn.Module) -> None:
+    head = head_keys(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in head)
+
+
+def train(
+    run: tracking.Run,
+    recipe: Recipe,
+    splits: data.Splits,
+    model: nn.Module,
+    on_epoch: Callable[[int, dict[str, float]], None] | None,
+) -> Checkpoint:
+    """Fit `model` on the training split, reporting each epoch to `run` (training goes on while
+    the server is away) and to `on_epoch`; returns its checkpoint."""
+    classes = splits.train.classes
+    mean, std = normalisation(model)
+    loader, skipped = train_loader(splits, recipe)
+    val = data.decode(splits.val, recipe.img_size, recipe.workers, recipe.skip_bad, "decode val")
+    run.log_params(
+        {
+            "num_classes": len(classes),
+            "n_train": len(loader.dataset),
+            "n_val": len(val.labels),
+            "n_test": len(splits.test),
+            "skipped_images": skipped + len(val.skipped),
+        }
+    )
+    offline: list[int] = []  # epochs whose metrics the server did not take
+
+    def report(epoch: int, metrics: dict[str, float]) -> None:
+        try:
+            run.log_epoch(epoch, metrics)
+        except tracking.Unreachable as e:  # keep training: the weights matter more than a curve
+            if not offline:
+                log.warning("%s: training goes on; the checkpoint will be kept locally if it stays down", e)
+            offline.append(epoch)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+
+    loss = objective(
+        recipe.loss,
+        model,
+        label_smoothing=recipe.label_smoothing,
+        focal_gamma=recipe.focal_gamma,
+        supcon_weight=recipe.supcon_weight,
+    )
+    extra = attribute_accuracy if recipe.layout == "mask" else None
+    val_set = EvalSet.from_decoded(val, len(classes))
+    fit(model, loader, val_set, train_config(recipe), mean, std, default_device(), report, loss, extra)
+    return Checkpoint(
+        model.state_dict(),
+        model=recipe.model,
+        num_classes=len(classes),
+        classes=list(classes),
+        img_size=recipe.img_size,
+        split=splits.fingerprint,
+        mean=mean,
+        std=std,
+    )
 
 
 UNLOGGED = Path("unlogged-checkpoints")

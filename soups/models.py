@@ -24,15 +24,24 @@ from soups import SoupsError
 log = logging.getLogger(__name__)
 
 
+# Seeds the random initialisation of every model this package builds, whatever the caller's seed:
+# sweep members started from random weights (pretrained=none) then start from the very same
+# weights, as members started from pretrained ones do, instead of silently from N different ones.
+INIT_SEED = 0
+
+
 def create_model(name: str, num_classes: int, pretrained: str = "none") -> nn.Module:
     """A timm model with a fresh `num_classes` head; `pretrained` names where the other weights
-    come from (see `resolve_pretrained`). MLflow URIs must be turned into files first."""
+    come from (see `resolve_pretrained`). MLflow URIs must be turned into files first. The same
+    arguments always give the same weights."""
     if not timm.is_model(name):
         close = timm.list_models(f"*{name[:6]}*")[:5]
         raise SoupsError(f"unknown timm model {name!r}" + (f" (close: {', '.join(close)})" if close else ""))
     from_hub = pretrained == "timm"
     try:
-        model = timm.create_model(name, pretrained=from_hub, num_classes=num_classes)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(INIT_SEED)
+            model = timm.create_model(name, pretrained=from_hub, num_classes=num_classes)
     except Exception as e:
         if not from_hub:
             raise
@@ -56,6 +65,41 @@ def zero_head(model: nn.Module) -> None:
         with torch.no_grad():
             for p in head.parameters():
                 p.zero_()
+
+
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 of the weights themselves (names, dtypes, shapes and values), whatever file or
+    metadata carried them: two runs with the same digest started from the very same weights."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_start(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Load a sweep's starting weights into `model`: every key, head included, strictly (a start
+    that fits only partly would put members in different places, which is what it is there to
+    prevent)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    extra = [k for k in weights if k not in own]
+    wrong = [k for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or extra or wrong:
+        if missing:
+            first = f"key {missing[0]} missing"
+        elif extra:
+            first = f"unexpected key {extra[0]}"
+        else:
+            k = wrong[0]
+            first = f"{k} has shape {tuple(weights[k].shape)}, the model {tuple(own[k].shape)}"
+        raise SoupsError(
+            f"start {source} does not fit {type(model).__name__}: {first} ({len(missing)} missing, "
+            f"{len(extra)} unexpected, {len(wrong)} of another shape); a start must be trained with the "
+            "same model and classes as its members"
+        )
+    model.load_state_dict(weights, strict=True)
 
 
 def resolve_pretrained(source: str) -> Path:

@@ -9,27 +9,32 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def greedy_curve(steps, held_out: int, ingredient_val: list[float | None], uniform_val: float | None):
-    """The soup's held-out accuracy after each candidate considered, with each candidate's own."""
+def soup_curve(result, x_label: str, ingredient_val: list[float | None], uniform_val: float | None):
+    """A soup method's own curve (greedy: the soup's held-out accuracy after each candidate
+    considered, with each candidate's own; WiSE-FT: accuracy against the mix), or, for a method
+    without one, the soup's accuracy beside each ingredient's."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    ks = [s.rank for s in steps if s.soup_correct is not None]
-    ax.step(
-        ks,
-        [s.soup_correct / held_out for s in steps if s.soup_correct is not None],
-        where="post",
-        color="C0",
-        label="greedy soup",
-    )
-    for s, own in zip(steps, ingredient_val, strict=True):
-        if own is not None:
+    if result.curve:
+        xs, ys = zip(*[(x, c / result.held_out) for x, c in result.curve], strict=True)
+        ax.step(xs, ys, where="post", color="C0", marker=".", label="soup")
+    else:
+        ax.axhline(result.accuracy, color="C0", label="soup")
+    by_rank = "candidates" in x_label
+    for s, own in zip(result.steps, ingredient_val, strict=True):
+        if own is not None and by_rank:
             ax.scatter(
                 s.rank, own, marker="o" if s.accepted else "x", color="C2" if s.accepted else "C3", zorder=3
             )
-    ax.scatter([], [], marker="o", color="C2", label="ingredient kept")
-    ax.scatter([], [], marker="x", color="C3", label="ingredient not kept / skipped")
+    if by_rank:
+        ax.scatter([], [], marker="o", color="C2", label="ingredient kept")
+        ax.scatter([], [], marker="x", color="C3", label="ingredient not kept / skipped")
+    else:
+        best = max((v for v in ingredient_val if v is not None), default=None)
+        if best is not None:
+            ax.axhline(best, color="C2", linestyle=":", label="best ingredient")
     if uniform_val is not None:
         ax.axhline(uniform_val, color="C1", linestyle="--", label="uniform soup")
-    ax.set(xlabel="candidates considered (rank by val accuracy)", ylabel="val accuracy", title="Greedy soup")
+    ax.set(xlabel=x_label, ylabel="val accuracy", title="Soup")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)

@@ -17,6 +17,7 @@ import yaml
 from soups import SoupsError
 
 LAYOUTS = ("fashion-mnist", "imagefolder", "mask")
+START_MODES = ("finetune", "probe")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -36,6 +37,19 @@ class Recipe:
         "Initial weights: none | timm (hub, needs internet) | a .pt/.pth/.safetensors file | "
         "pkg:<module>/<file inside an installed package> | runs:/<id>/<path> | models:/<name>@<alias>.",
     )
+    start: str = _f(
+        "none",
+        "Where sweep members start: none (the pretrained weights with a zero head) | auto (the newest "
+        "start run of this experiment with the same model and split) | runs:/<id> | "
+        "models:/<name>@<alias> | a soups checkpoint file. Loaded strictly, head included.",
+    )
+    start_mode: str = _f(
+        "finetune",
+        "What the start step trains: finetune (every weight, start_epochs epochs of member i's draw) | "
+        "probe (the head alone; give it a larger lr, e.g. 1e-2).",
+        choices=START_MODES,
+    )
+    start_epochs: int = _f(3, "Epochs of the start step (members then train `epochs` more).")
     img_size: int = _f(224, "Square input size in pixels.")
     batch_size: int = _f(32, "Images per optimisation step.")
     epochs: int = _f(2, "Passes over the training split.")
@@ -44,6 +58,11 @@ class Recipe:
     warmup: float = _f(0.1, "Fraction of steps spent warming up linearly before the cosine decay.")
     clip_grad: float = _f(1.0, "Clip the gradient norm to this value (0 disables).")
     label_smoothing: float = _f(0.1, "Label smoothing of the cross-entropy loss.")
+    ema: float = _f(
+        0.0,
+        "Keep an exponential moving average of the weights with this decay (timm's ModelEmaV3, "
+        "warmed up), validated and saved instead of the last weights (0: off).",
+    )
     aug: str = _f("light", "Training augmentation: none | light | medium | heavy.")
     loss: str = _f(
         "cross_entropy",

@@ -9,7 +9,12 @@ until none is left, so together they run exactly the requested number."""
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +23,7 @@ import sqlalchemy
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from soups import SoupsError, Stopped, tracking
+from soups import SoupsError, Stopped, data, tracking
 from soups.finetune import finetune
 from soups.recipe import Recipe, draw, load_recipe
 
@@ -26,7 +31,9 @@ log = logging.getLogger(__name__)
 SAMPLERS = ("random", "tpe")
 PRUNERS = ("median", "none")
 PARENT_ATTR, EXPERIMENT_ATTR = "mlflow_parent_run_id", "mlflow_experiment_id"
+START_ATTR = "soups_start"  # the start every trial loads, resolved once by the study's creator
 RUN_ATTR = "mlflow_run_id"
+STORAGE_ENV = "SOUPS_OPTUNA_STORAGE"  # a storage URL with its password, kept out of every param
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,7 @@ class SweepOptions:
     study: str = ""  # default: <experiment>-<recipe file stem>
     storage: str = ""  # default: optuna.db beside a SQLite tracking store, else ./optuna.db
     wait_s: float = 300.0  # how long a worker waits for the study's creator to name the parent run
+    heartbeat_s: int = 60  # a trial silent for twice this long (its worker died) is failed and retried
 
 
 def distributions(space: dict) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -69,6 +77,26 @@ class DrawSampler(optuna.samplers.BaseSampler):
         return draw(self.space, trial.number)[param_name]
 
 
+def storage_of(given: str) -> str:
+    """The Optuna storage URL: `storage` without a password (libpq takes it from PGPASSWORD or
+    ~/.pgpass), else $SOUPS_OPTUNA_STORAGE, else SQLite beside the tracking store. A password in
+    `storage` is refused: `mlflow run` records every -P value as a param of the run."""
+    if given and tracking.has_password(given):
+        flagged = tracking.flag_project_run("its storage param holds a database password")
+        where = (
+            f"; run {flagged} records it among its params: delete it (mlflow runs delete --run-id "
+            f"{flagged}, then mlflow gc)"
+            if flagged
+            else ""
+        )
+        raise SoupsError(
+            f"storage={tracking.without_password(given)} carries a password, and parameters are recorded "
+            f"in MLflow: give the URL without it and the password in PGPASSWORD or ~/.pgpass, or the whole "
+            f"URL in ${STORAGE_ENV}{where}"
+        )
+    return given or os.environ.get(STORAGE_ENV) or default_storage()
+
+
 def default_storage() -> str:
     uri = tracking.configure()
     if uri.startswith("sqlite:///"):
@@ -76,13 +104,21 @@ def default_storage() -> str:
     return f"sqlite:///{Path.cwd() / 'optuna.db'}"
 
 
-def open_storage(url: str, attempts: int = 6) -> optuna.storages.BaseStorage:
-    """Optuna's storage at `url`. Workers that meet a fresh database at the same time race to
-    create its tables (PostgreSQL refuses the loser's duplicate types); the loser tries again and
-    finds them made."""
+def open_storage(url: str, heartbeat_s: int = 60, attempts: int = 6) -> optuna.storages.RDBStorage:
+    """Optuna's storage at `url`, with Optuna's heartbeats: a worker records one every
+    `heartbeat_s` while it runs a trial, and a trial silent for twice that (its worker was killed)
+    is failed by the next worker that looks, its MLflow run marked FAILED, and retried once as a
+    new trial with the same hyperparameters. Workers that meet a fresh database at the same time
+    race to create its tables (PostgreSQL refuses the loser's duplicate types); the loser tries
+    again and finds them made."""
     for attempt in range(attempts):
         try:
-            return optuna.storages.get_storage(url)
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=heartbeat_s,
+                grace_period=2 * heartbeat_s,
+                heartbeat_stale_trial_callback=abandon_and_retry,
+            )
         except sqlalchemy.exc.SQLAlchemyError as e:
             if attempt == attempts - 1:
                 raise SoupsError(
@@ -90,6 +126,50 @@ def open_storage(url: str, attempts: int = 6) -> optuna.storages.BaseStorage:
                 ) from None
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def abandon_and_retry(study: optuna.Study, trial) -> None:
+    """A trial whose worker stopped sending heartbeats: its run cannot finish, so say so in MLflow
+    (FAILED, with the reason), then queue it again with the same hyperparameters."""
+    run_id = trial.user_attrs.get(RUN_ATTR)
+    if run_id:
+        tracking.abandon(run_id, f"its sweep worker stopped sending heartbeats (trial {trial.number})")
+    with settled():
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)
+
+
+@contextmanager
+def settled() -> Iterator[None]:
+    """Optuna still calls its heartbeat helpers experimental (since 2.8/2.9): quiet that warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def member_index(trial) -> int:
+    """The sweep member a trial trains: its own number, or the number of the trial it retries."""
+    with settled():
+        first = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+    return trial.number if first is None else first
+
+
+@contextmanager
+def heartbeat(storage: optuna.storages.RDBStorage, trial_id: int, every_s: float) -> Iterator[None]:
+    """Record the trial's heartbeat every `every_s` while the body runs."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            storage.record_heartbeat(trial_id)
+
+    storage.record_heartbeat(trial_id)
+    thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{trial_id}")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def open_study(name: str, storage: str, sampler, pruner) -> tuple[optuna.Study, bool]:
@@ -103,7 +183,10 @@ def open_study(name: str, storage: str, sampler, pruner) -> tuple[optuna.Study, 
 
 
 def claim(study: optuna.Study, storage: optuna.storages.BaseStorage) -> optuna.Trial | None:
-    """Take one waiting trial for this worker (atomic in the storage), or None when none is left."""
+    """Take one waiting trial for this worker (atomic in the storage), or None when none is left.
+    Trials abandoned by a killed worker are failed and queued again first."""
+    with settled():
+        optuna.storages.fail_stale_trials(study)
     study_id = storage.get_study_id_from_name(study.study_name)
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
@@ -142,7 +225,9 @@ def _wait_for(study: optuna.Study, attr: str, wait_s: float):
 def run_trial(study, trial, recipe_path, given: dict, dists: dict, parent, experiment: str) -> None:
     """One trial = one ordinary ingredient run nested under the sweep's parent run."""
     params = suggest(trial, dists)
-    recipe = load_recipe(recipe_path, {**params, **given, "i": trial.number, "experiment": experiment})
+    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+    i = member_index(frozen)  # a retried trial trains the member its first attempt drew
+    recipe = load_recipe(recipe_path, {**params, **given, "i": i, "experiment": experiment})
 
     def prune(epoch: int, metrics: dict[str, float]) -> None:
         trial.report(metrics[tracking.RANK_METRIC], epoch)
@@ -178,9 +263,15 @@ def sweep(recipe_path: str, recipe: Recipe, given: dict, opts: SweepOptions) -> 
         raise SoupsError(f"recipe {recipe_path} has no search space left to sweep (`space:` in the YAML)")
     dists = distributions(space)
     name = opts.study or f"{recipe.experiment}-{Path(recipe_path).stem}"
-    storage_url = opts.storage or default_storage()
-    storage = open_storage(storage_url)
-    sampler = DrawSampler(space) if opts.sampler == "random" else optuna.samplers.TPESampler(seed=recipe.seed)
+    storage_url = storage_of(opts.storage)
+    storage = open_storage(storage_url, opts.heartbeat_s)
+    # TPE unseeded: workers seeded alike would make the same start-up draws; constant_liar keeps
+    # workers from proposing what another one is trying right now.
+    sampler = (
+        DrawSampler(space)
+        if opts.sampler == "random"
+        else optuna.samplers.TPESampler(seed=None, constant_liar=True)
+    )
     pruner = (
         optuna.pruners.MedianPruner(n_warmup_steps=1)
         if opts.pruner == "median"
@@ -202,20 +293,26 @@ def sweep(recipe_path: str, recipe: Recipe, given: dict, opts: SweepOptions) -> 
                 "storage": tracking.without_password(storage_url),
             }
         )
+        start = sweep_start(recipe, experiment_id)
+        parent.log_params({"start": start})
         for _ in range(opts.trials):
             study.enqueue_trial({})
+        study.set_user_attr(START_ATTR, start)
         study.set_user_attr(EXPERIMENT_ATTR, experiment_id)
         study.set_user_attr(PARENT_ATTR, parent.id)  # last: workers wait for this one
     else:
         parent = tracking.Run(_wait_for(study, PARENT_ATTR, opts.wait_s))
         experiment_id = study.user_attrs[EXPERIMENT_ATTR]
+        start = study.user_attrs.get(START_ATTR, recipe.start)
         if own_run:
             tracking.mark_sweep_worker(own_run, parent.id)
+    given = {**given, "start": start}
     experiment = tracking.experiment_name(experiment_id)
     done = 0
     while (trial := claim(study, storage)) is not None:
         log.info("trial %d of study %s", trial.number, name)
-        run_trial(study, trial, recipe_path, given, dists, parent, experiment)
+        with heartbeat(storage, trial._trial_id, opts.heartbeat_s):
+            run_trial(study, trial, recipe_path, given, dists, parent, experiment)
         done += 1
     states = [t.state for t in study.get_trials(deepcopy=False)]
     if not any(s in (TrialState.WAITING, TrialState.RUNNING) for s in states):
@@ -229,6 +326,15 @@ def sweep(recipe_path: str, recipe: Recipe, given: dict, opts: SweepOptions) -> 
         "pruned": sum(s == TrialState.PRUNED for s in states),
         "total": len(states),
     }
+
+
+def sweep_start(recipe: Recipe, experiment_id: str) -> str:
+    """The start every trial of the sweep loads: `auto` resolved once, here, to the newest matching
+    start run, so that a start made while the sweep runs never splits its trials in two."""
+    if recipe.start != "auto":
+        return recipe.start
+    found = tracking.newest_start(experiment_id, recipe.model, data.load_splits(recipe).fingerprint)
+    return f"runs:/{found.info.run_id}"
 
 
 def summarise(study: optuna.Study, parent: tracking.Run) -> None:

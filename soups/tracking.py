@@ -27,8 +27,10 @@ from soups.models import sha256
 log = logging.getLogger(__name__)
 
 # Tags
-ROLE = "soups.role"  # pretrain | ingredient | evaluation | soup | inference | sweep
+ROLE = "soups.role"  # start | ingredient | evaluation | soup | inference | sweep
 SPLIT = "soups.split"  # fingerprint of the held-out file lists
+START = "soups.start"  # weights_digest of the exact weights a run started from
+START_RUN = "soups.start_run"  # the start run those weights came from (absent: the pretrained ones)
 SHA256 = "soups.sha256"  # of the checkpoint artifact
 STOPPED = "soups.stopped"  # why training stopped early (a pruned sweep trial)
 STUDY = "soups.study"  # the Optuna study of a sweep and its trials
@@ -38,7 +40,7 @@ CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT = f"{CHECKPOINT_DIR}/model.pt"
 RECIPE = "recipe.yaml"
 INGREDIENTS = "ingredients.csv"
-GREEDY_CURVE = "greedy_curve.png"
+SOUP_CURVE = "soup_curve.png"  # the chosen method's curve (greedy: val accuracy after k candidates)
 VAL_VS_TEST = "val_vs_test.png"
 SCORES = "scores.csv"
 PER_CLASS_ERRORS = "per_class_errors.csv"
@@ -47,7 +49,7 @@ SKIPPED = "unreadable_images.csv"
 MODEL_NAME = "model"  # the logged MLflow model of a soup run
 # Ranking metric and the per-epoch metrics of an ingredient run (step = epoch)
 RANK_METRIC = "val_accuracy"
-GREEDY_STEP_METRIC = "greedy_val_accuracy"  # step k: the soup after k candidates
+SOUP_STEP_METRIC = "soup_val_accuracy"  # the chosen method's curve: greedy, step k = after k candidates
 CHAMPION = "champion"
 CACHE_ENV = "SOUPS_CACHE"  # where downloaded checkpoints are kept, by run id
 
@@ -179,6 +181,10 @@ class Run:
     def log_split(self, fingerprint: str) -> None:
         self.client.set_tag(self.id, SPLIT, fingerprint)
 
+    def log_start(self, digest: str, start_run: str = "") -> None:
+        """Which exact weights this run started from: ingredients of one soup must share them."""
+        self.set_tags({START: digest, **({START_RUN: start_run} if start_run else {})})
+
     def log_checkpoint(self, path: Path, digest: str) -> None:
         """Upload `path` as `checkpoint/model.pt`, then tag its sha256: a run carries the tag only
         once its checkpoint is whole."""
@@ -212,34 +218,35 @@ class Run:
         plt.close(figure)
 
     def log_soup(self, soup) -> None:
-        """A `soup_step.SoupReport`: the soup's params, metrics, greedy curve and tables."""
-        self.log_params(
-            {
-                "method": soup.method,
-                "rank_by": RANK_METRIC,
-                "tie": soup.tie,
-                "candidates": soup.candidates,
-                "bn_recalibrate": soup.bn_recalibrate,
-                "filter": soup.filter or "",
-            }
-        )
-        self.log_metrics(
-            {
-                "val_accuracy": soup.val_accuracy,
-                "test_accuracy": soup.test_accuracy,
-                "uniform_val_accuracy": soup.uniform_val_accuracy,
-                "uniform_test_accuracy": soup.uniform_test_accuracy,
-                "best_ingredient_val_accuracy": soup.best_val_accuracy,
-                "best_ingredient_test_accuracy": soup.best_test_accuracy,
-                "n_ingredients": soup.n_ingredients,
-                "n_usable": soup.n_usable,
-                "held_out_images_scored": soup.images_scored,
-                "held_out_images_full_evaluation": soup.images_full,
-                "checkpoints_downloaded": soup.downloaded,
-            }
-        )
-        for k, acc in soup.curve:
-            self.log_metrics({GREEDY_STEP_METRIC: acc}, step=k)
+        """A `soup_step.SoupReport`: the soup's params, metrics (the chosen method's as
+        `val_accuracy`, `test_accuracy`; each compared method's as `<method>_val_accuracy`, ...),
+        the chosen method's curve and the ingredient table."""
+        self.log_params(soup.params)
+        chosen = soup.chosen
+        metrics = {
+            "val_accuracy": chosen.val_accuracy,
+            "test_accuracy": chosen.test_accuracy,
+            "n_ingredients": chosen.n_ingredients,
+            "best_ingredient_val_accuracy": soup.best_val_accuracy,
+            "best_ingredient_test_accuracy": soup.best_test_accuracy,
+            "n_usable": soup.n_usable,
+            "held_out_images_scored": soup.images_scored,
+            "held_out_images_full_evaluation": soup.images_full,
+            "bn_recalibration_images": soup.recalibration_images,
+            "checkpoints_downloaded": soup.downloaded,
+            **{f"{chosen.method}_{k}": v for k, v in chosen.result.details.items()},
+        }
+        for dish in soup.dishes[1:]:
+            if dish.result is not None and (dish.n_ingredients > 1 or dish.method != "uniform"):
+                metrics |= {
+                    f"{dish.method}_val_accuracy": dish.val_accuracy,
+                    f"{dish.method}_test_accuracy": dish.test_accuracy,
+                    f"{dish.method}_n_ingredients": dish.n_ingredients,
+                    **{f"{dish.method}_{k}": v for k, v in dish.result.details.items()},
+                }
+        self.log_metrics(metrics)
+        for x, correct in chosen.result.curve:
+            self.log_metrics({SOUP_STEP_METRIC: correct / chosen.result.held_out}, step=x)
         self.log_table(soup.table, INGREDIENTS)
 
     def log_inference(
@@ -373,7 +380,7 @@ def cache_root() -> Path:
 def cached_checkpoint(run) -> tuple[Path, bool]:
     """The checkpoint of ingredient `run`, downloaded once into the cache by run id and checked
     against the run's sha256 tag. Returns the path and whether it was downloaded now."""
-    rid = run.info.run_id
+    rid = checked_run_id(run.info.run_id)
     digest = run.data.tags.get(SHA256)
     if not digest:
         raise SoupsError(f"run {rid} has no {SHA256} tag: its checkpoint was never completed")
@@ -504,16 +511,73 @@ def split_of(run) -> str | None:
     return run.data.tags.get(SPLIT)
 
 
+def start_of(run) -> str | None:
+    return run.data.tags.get(START)
+
+
+def start_run_of(run) -> str | None:
+    return run.data.tags.get(START_RUN)
+
+
+def newest_start(experiment_id: str, model: str, split: str):
+    """The newest finished start run of an experiment for this model and held-out split, or an
+    error saying how to make one."""
+    clauses = [
+        f"tags.`{ROLE}` = 'start'",
+        "attributes.status = 'FINISHED'",
+        f"params.model = {quote(model)}",
+        f"tags.`{SPLIT}` = {quote(split)}",
+        f"tags.`{SHA256}` != ''",
+    ]
+    try:
+        runs = MlflowClient().search_runs(
+            [experiment_id], " and ".join(clauses), order_by=["attributes.start_time DESC"], max_results=1
+        )
+    except MlflowException as e:
+        raise SoupsError(f"search for start runs failed: {str(e).splitlines()[0]}") from None
+    if not runs:
+        raise SoupsError(
+            f"start=auto: no finished start run for model {model} on split {split} in experiment "
+            f"{experiment_name(experiment_id)!r}: run `mlflow run . -e start` first (same recipe), "
+            "or pass -P start=none"
+        )
+    return runs[0]
+
+
+def quote(value: str) -> str:
+    """A string literal for an MLflow search filter. MLflow's filter syntax has no escape for a
+    quote inside a literal, so a value holding one is refused rather than let it end the literal
+    and change the query."""
+    text = str(value)
+    if any(c in text for c in "'\"`\\") or any(ord(c) < 32 for c in text):
+        raise SoupsError(
+            f"{text!r} cannot be searched for: quotes, backslashes and control characters are refused"
+        )
+    return f"'{text}'"
+
+
+RUN_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
+
+
+def checked_run_id(run_id: str, what: str = "run id") -> str:
+    """A run id as MLflow makes them (hex), never a path or a filter clause in disguise: ids reach
+    search filters and the checkpoint cache's paths."""
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+        raise SoupsError(f"{what} {run_id!r} is not a run id (letters, digits, - and _ only)")
+    return run_id
+
+
 def rank_score(run) -> float | None:
     return run.data.metrics.get(RANK_METRIC)
 
 
 def parent_filter(parent: str) -> str:
     """The clause that narrows a search to the children of a sweep run."""
-    return f"tags.mlflow.parentRunId = '{parent}'" if parent else ""
+    return f"tags.mlflow.parentRunId = {quote(checked_run_id(parent, 'parent'))}" if parent else ""
 
 
 def get_run(run_id: str):
+    checked_run_id(run_id)
     configure()
     try:
         return MlflowClient().get_run(run_id)
@@ -557,16 +621,19 @@ def val_accuracy_of(uri: str) -> float:
 
 
 def soup_metrics(uri: str) -> dict[str, float]:
-    """Test accuracies a soup run recorded for its best ingredient, uniform soup and itself."""
+    """Test accuracies a soup run recorded: its best ingredient, its own soup and each soup it was
+    compared with."""
     run = run_of(uri)
     if run is None or run.data.tags.get(ROLE) != "soup":
         return {}
-    keys = {
-        "best single": "best_ingredient_test_accuracy",
-        "uniform soup": "uniform_test_accuracy",
-        "greedy soup": "test_accuracy",
+    m, p = run.data.metrics, run.data.params
+    out = {
+        "best single (soup run)": m.get("best_ingredient_test_accuracy"),
+        f"{p.get('method', '?')} soup: this model (soup run)": m.get("test_accuracy"),
     }
-    return {label: run.data.metrics[k] for label, k in keys.items() if k in run.data.metrics}
+    for method in filter(None, p.get("compare", "").split(",")):
+        out[f"{method} soup (soup run)"] = m.get(f"{method}_test_accuracy")
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def take_project_run() -> str | None:
@@ -599,5 +666,34 @@ def mark_sweep_worker(run_id: str, parent_id: str) -> None:
 
 
 def without_password(url: str) -> str:
-    """A storage URL fit for a param: the password replaced by ***."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """A storage URL fit for a param: the password replaced by *** (all of it: a password may hold
+    `@`, `:` or `/`, so the credentials end at the URL's last `@`)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
+
+
+def has_password(url: str) -> bool:
+    return without_password(url) != url
+
+
+def abandon(run_id: str, why: str) -> None:
+    """Mark a run whose process is gone FAILED (it never logged a checkpoint), with the reason."""
+    client = MlflowClient()
+    try:
+        if client.get_run(checked_run_id(run_id)).info.status == "RUNNING":
+            client.set_tag(run_id, STOPPED, why)
+            client.set_terminated(run_id, "FAILED")
+    except MlflowException as e:
+        log.warning("could not mark run %s FAILED: %s", run_id, str(e).splitlines()[0])
+
+
+def flag_project_run(why: str) -> str | None:
+    """Tag the run `mlflow run` made for this process as holding a secret in its params (MLflow
+    cannot take a param back, and `mlflow run` must still end the run); returns its id."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        MlflowClient().set_tag(run_id, "soups.holds_secret", why)
+    return run_id

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -27,6 +28,7 @@ class TrainConfig:
     clip_grad: float
     label_smoothing: float
     batch_size: int
+    ema: float = 0.0  # decay of a moving average of the weights that is validated and kept (0: off)
 
 
 def warmup_cosine(total: int, warmup: int) -> Callable[[int], float]:
@@ -39,6 +41,20 @@ def warmup_cosine(total: int, warmup: int) -> Callable[[int], float]:
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def train_mode(model: nn.Module) -> None:
+    """Train mode, except BatchNorm layers whose weights are frozen: they keep their statistics
+    too, so that a linear probe's backbone is the pretrained one, statistics included."""
+    model.train()
+    for m in model.modules():
+        weights = list(m.parameters(recurse=False))
+        if (
+            isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and weights
+            and not any(p.requires_grad for p in weights)
+        ):
+            m.eval()
 
 
 def fit(
@@ -75,9 +91,12 @@ def fit(
     )
     total = cfg.epochs * len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, int(cfg.warmup * total)))
+    # timm's EMA, warmed up (its decay grows with the steps) so that a short fine-tune averages its
+    # own recent weights rather than dragging its starting ones along.
+    ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=True) if cfg.ema > 0 else None
     last: dict[str, float] = {}
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
+        train_mode(model)
         seen, loss_sum, start = 0, 0.0, time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, mininterval=1.0)
         for step, (images, labels) in enumerate(bar):
@@ -97,6 +116,8 @@ def fit(
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update(model, step=sched.last_epoch)
             seen += len(y)
             loss_sum += loss.item() * len(y)
             bar.set_postfix(
@@ -105,7 +126,7 @@ def fit(
                 refresh=False,
             )
         elapsed = time.perf_counter() - start
-        logits = predict(model, val, mean, std, cfg.batch_size * 2, device)
+        logits = predict(ema.module if ema else model, val, mean, std, cfg.batch_size * 2, device)
         scores = metrics(logits, val.labels)
         last = {
             "train_loss": loss_sum / seen,
@@ -116,4 +137,6 @@ def fit(
             **(extra_metrics(logits, val.labels) if extra_metrics else {}),
         }
         on_epoch(epoch, last)
+    if ema is not None:  # what was validated is what is kept
+        model.load_state_dict(ema.module.state_dict())
     return last

@@ -1,6 +1,7 @@
 """The mask competition's features (relabel, age bins, oversampling, losses, per-attribute view)
 and the three leaks the seed had: none of them may come back."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -108,6 +109,13 @@ def test_no_person_in_two_splits_with_oversampling_and_relabeling(leaky_setup):
     people = [set(s.groups) for s in (splits.train, splits.val, splits.test)]
     assert all(people) and not (people[0] & people[1] or people[0] & people[2] or people[1] & people[2])
     assert len(splits.relabelled) > 0
+    # every image the training loader yields, the oversampled repeats included, is a training person's
+    loader, _ = train_loader(splits, recipe)
+    parts = loader.dataset.datasets
+    assert len(parts) == 3, "factor 3: the old classes are seen twice more"
+    person = dict(zip(splits.train.keys, splits.train.groups, strict=True))
+    seen = {person.get(k) for part in parts for k in part.source.keys}
+    assert None not in seen and seen <= people[0] and not seen & (people[1] | people[2])
 
 
 def test_oversampled_images_come_from_the_training_split_only(leaky_setup):
@@ -196,7 +204,7 @@ def test_greedy_soup_selects_on_val_only(tmp_path, tracking_uri, mask_root, monk
     """Record every scoring call: all that can change the picks reads val; test only after."""
     from soups import soup_step
     from soups.evaluate import Scorer
-    from soups.soup import SOUP_METHODS
+    from soups.soup import METHODS
 
     recipe_path = write_recipe(
         tmp_path / "r.yaml",
@@ -209,12 +217,12 @@ def test_greedy_soup_selects_on_val_only(tmp_path, tracking_uri, mask_root, monk
     for i in range(3):
         finetune(load_recipe(recipe_path, {"i": i}))
     state = {"selecting": False, "reads": []}
-    greedy = SOUP_METHODS["greedy"]
+    greedy = METHODS["greedy"]
 
     def watched(*args, **kwargs):
         state["selecting"] = True
         try:
-            return greedy(*args, **kwargs)
+            return greedy.cook(*args, **kwargs)
         finally:
             state["selecting"] = False
 
@@ -228,7 +236,7 @@ def test_greedy_soup_selects_on_val_only(tmp_path, tracking_uri, mask_root, monk
         state["reads"].append((state["selecting"], "logits", len(evalset or self.held_out)))
         return real_logits(self, st, evalset, averaged)
 
-    monkeypatch.setitem(SOUP_METHODS, "greedy", watched)
+    monkeypatch.setitem(METHODS, "greedy", dataclasses.replace(greedy, cook=watched))
     monkeypatch.setattr(Scorer, "correct", correct)
     monkeypatch.setattr(Scorer, "logits", logits)
     recipe = load_recipe(recipe_path)
@@ -241,4 +249,55 @@ def test_greedy_soup_selects_on_val_only(tmp_path, tracking_uri, mask_root, monk
     during = [r for r in state["reads"] if r[0]]
     assert during and all(kind == "held_out" and n == n_val for _, kind, n in during)
     assert any(not sel and n == n_test for sel, _, n in state["reads"]), "test is still reported"
-    assert report.test_accuracy is not None
+    assert report.chosen.test_accuracy is not None
+
+
+def test_bn_recalibration_reads_training_images_only_and_the_shipped_soup_scores_as_logged(
+    tmp_path, tracking_uri, mask_root, monkeypatch
+):
+    """BatchNorm statistics of the averaged weights come from training images alone, and the
+    checkpoint that ships scores on val exactly what the soup run logged (as infer would load it)."""
+    from soups import data, evaluate, soup_step
+    from soups.evaluate import EvalSet, Scorer
+    from soups.models import load_checkpoint
+
+    recipe_path = write_recipe(
+        tmp_path / "r.yaml",
+        experiment="bnleak",
+        data=str(mask_root),
+        layout="mask",
+        **{**TINY, "epochs": 1, "test_ratio": 0.3},
+        space={"seed": {"int": [0, 999]}},
+    )
+    for i in range(3):
+        finetune(load_recipe(recipe_path, {"i": i}))
+    decoded, recalibrated = {}, []
+    real_decode, real_recal = data.decode, evaluate.recalibrate_bn
+
+    def decode(samples, *args, **kwargs):
+        out = real_decode(samples, *args, **kwargs)
+        decoded[kwargs.get("desc", "")] = (list(samples.keys), out)
+        return out
+
+    def recalibrate(model, images, *args, **kwargs):
+        recalibrated.append(images.images.data_ptr())
+        return real_recal(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(data, "decode", decode)
+    monkeypatch.setattr(evaluate, "recalibrate_bn", recalibrate)
+    report = soup_step.make_soup(
+        load_recipe(recipe_path), {}, soup_step.SoupOptions(method="uniform", bn_recalibrate="on")
+    )
+    splits = data.load_splits(load_recipe(recipe_path))
+    bn_keys, bn_decoded = decoded["decode train (BatchNorm)"]
+    assert set(bn_keys) <= set(splits.train.keys) and not set(bn_keys) & (
+        set(splits.val.keys) | set(splits.test.keys)
+    )
+    assert recalibrated and set(recalibrated) == {EvalSet.from_decoded(bn_decoded, 18).images.data_ptr()}
+    run = tracking.get_run(report.run_id)
+    shipped = load_checkpoint(tracking.cached_checkpoint(run)[0])
+    val = EvalSet.from_decoded(real_decode(splits.val, shipped.img_size), shipped.num_classes)
+    correct = Scorer(shipped.build(), val, shipped.mean, shipped.std).correct(
+        shipped.state_dict, None, averaged=False
+    )
+    assert report.chosen.n_ingredients == 3 and correct == round(run.data.metrics["val_accuracy"] * len(val))

@@ -118,7 +118,7 @@ def test_greedy_soup_skips_exactly_the_broken_runs_and_registers_a_champion(worl
         "uniform_test_accuracy",
         "best_ingredient_test_accuracy",
     } <= set(m)
-    curve = client.get_metric_history(r.info.run_id, "greedy_val_accuracy")
+    curve = client.get_metric_history(r.info.run_id, "soup_val_accuracy")
     assert [p.step for p in curve] == sorted(p.step for p in curve) and len(curve) >= 3
     assert (
         r.data.params["method"] == "greedy"
@@ -126,7 +126,7 @@ def test_greedy_soup_skips_exactly_the_broken_runs_and_registers_a_champion(worl
         and r.data.params["candidates"] == "5"
     )
     arts = {a.path for a in client.list_artifacts(r.info.run_id)}
-    assert {"ingredients.csv", "greedy_curve.png", "val_vs_test.png", "checkpoint"} <= arts
+    assert {"ingredients.csv", "soup_curve.png", "val_vs_test.png", "checkpoint"} <= arts
     version = client.get_model_version_by_alias("tiny-soup", "champion")
     assert version.run_id == r.info.run_id and "first champion" in out.stdout
     ckpt = load_checkpoint(

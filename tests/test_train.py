@@ -77,3 +77,19 @@ def test_augmented_loader_is_reproducible(mask_root):
         first = [b[0] for b in train_loader(splits, recipe)[0]]
         again = [b[0] for b in train_loader(splits, recipe)[0]]
         assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_ema_weights_are_what_is_validated_and_kept(colours):
+    """With `ema`, the moving average is scored each epoch and replaces the last weights."""
+    model, loader, val, cfg = setup(colours, epochs=2, lr=1e-2, ema=0.9)
+    mean, std = normalisation(model)
+    plain, plain_loader, _, plain_cfg = setup(colours, epochs=2, lr=1e-2)
+    fit(plain, plain_loader, val, plain_cfg, mean, std)
+    last = fit(model, loader, val, cfg, mean, std)
+    assert metrics(predict(model, val, mean, std), val.labels)["accuracy"] == last["val_accuracy"]
+    differ = [
+        k
+        for k, v in model.state_dict().items()
+        if v.is_floating_point() and not torch.equal(v, plain.state_dict()[k])
+    ]
+    assert differ, "the averaged weights, not the last ones (same seed, same batches)"

@@ -1,13 +1,15 @@
-"""Uniform and greedy soups over state dicts (Wortsman et al. 2022). No MLflow here.
+"""What every soup method shares: state dicts averaged in float64, ranked candidates loaded one
+at a time, and the record of each step. No MLflow here.
 
-Memory stays O(1) in the number of candidates: ingredients arrive one at a time through a
-lazy iterable; a soup is a running float64 sum, and a candidate soup is built only to be scored.
+Memory stays O(1) in the number of candidates for the methods that stream: ingredients arrive one
+at a time through a lazy iterable; a soup is a running float64 sum, and a candidate soup is built
+only to be scored.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,10 +20,6 @@ StateDict = dict[str, torch.Tensor]
 # soon as the errors exceed max_errors (None: never stop early). Counts, not floats, decide.
 # `averaged` says the weights are a mean of several models (BatchNorm statistics need recomputing).
 Score = Callable[[StateDict, int | None, bool], int | None]
-TIE_RULES = {
-    "ge": "keep an ingredient when the soup's score is not worse (the paper's rule)",
-    "strict": "keep an ingredient only when the soup's score improves",
-}
 
 
 class RunningAverage:
@@ -105,16 +103,29 @@ class Step:
 
 @dataclass
 class SoupResult:
+    """What a soup method made. Counts are exact correct predictions on `held_out` images (for a
+    method that fits on part of the held-out set, only the part it was not fitted on)."""
+
     state_dict: StateDict
-    ingredients: list[str]
-    steps: list[Step]
-    best_correct: int
-    correct: int
-    uniform: StateDict | None  # the mean of every usable candidate, for the baseline
-    uniform_count: int
+    ingredients: list[str]  # the candidates that went in, best first
+    steps: list[Step]  # one per candidate considered, in rank order
+    best_correct: int  # the best usable ingredient alone
+    correct: int  # the soup
+    held_out: int
+    averaged: bool  # the weights mix several models: BatchNorm statistics need recomputing
+    curve: list[tuple[int, int]] = field(default_factory=list)  # (x, correct): the method's own curve
+    details: dict[str, float] = field(default_factory=dict)  # method-specific numbers worth logging
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.held_out
+
+    @property
+    def best_accuracy(self) -> float:
+        return self.best_correct / self.held_out
 
 
-def _usable(candidates: Iterable[Candidate], soup: RunningAverage, steps: list[Step]):
+def usable(candidates: Iterable[Candidate], soup: RunningAverage, steps: list[Step]):
     """(rank, name, state) of each candidate that loads and fits `soup`, lazily, one at a time;
     the others are recorded in `steps` as skipped, with the reason."""
     for rank, cand in enumerate(candidates, start=1):
@@ -129,64 +140,5 @@ def _usable(candidates: Iterable[Candidate], soup: RunningAverage, steps: list[S
         yield rank, cand.name, state
 
 
-def _no_usable(steps: list[Step]) -> SoupsError:
+def no_usable(steps: list[Step]) -> SoupsError:
     return SoupsError("no usable ingredient: " + "; ".join(f"{s.name}: {s.reason}" for s in steps[:3]))
-
-
-def greedy_soup(candidates: Iterable[Candidate], score: Score, held_out: int, tie: str = "ge") -> SoupResult:
-    """The paper's recipe: start from the best ingredient; add each next one when the averaged
-    soup scores at least as well on the held-out set (`tie="strict"`: better). A candidate soup is
-    abandoned as soon as its errors make acceptance impossible; picks equal a full evaluation."""
-    if tie not in TIE_RULES:
-        raise SoupsError(f"tie={tie!r} must be one of {', '.join(TIE_RULES)}")
-    soup, everything = RunningAverage(), RunningAverage()
-    steps: list[Step] = []
-    names: list[str] = []
-    best = current = 0
-    for rank, name, state in _usable(candidates, soup, steps):
-        everything.add(state)
-        if not soup.count:  # the best usable ingredient starts the soup
-            soup.add(state)
-            best = current = score(state, None, False)
-            names.append(name)
-            steps.append(Step(rank, name, "kept", "best ingredient", current))
-            continue
-        allowed = held_out - current - (tie == "strict")  # errors the candidate soup may make
-        correct = score(soup.average(plus=state), allowed, True)
-        if correct is not None and (correct > current or (tie == "ge" and correct == current)):
-            soup.add(state)
-            names.append(name)
-            current = correct
-            steps.append(
-                Step(rank, name, "kept", "soup improved" if correct > best else "soup no worse", current)
-            )
-        else:
-            got = "stopped early" if correct is None else f"{correct} correct"
-            steps.append(Step(rank, name, "not kept", f"{got}, soup has {current}", current))
-        del state
-    if not soup.count:
-        raise _no_usable(steps)
-    uniform = everything.average() if everything.count > 1 else None
-    return SoupResult(soup.average(), names, steps, best, current, uniform, everything.count)
-
-
-def uniform_method(
-    candidates: Iterable[Candidate], score: Score, held_out: int, tie: str = "ge"
-) -> SoupResult:
-    """Every usable candidate, averaged with equal weight; scored once at the end."""
-    soup, steps, names, best = RunningAverage(), [], [], 0
-    for rank, name, state in _usable(candidates, soup, steps):
-        if not soup.count:
-            best = score(state, None, False)
-        soup.add(state)
-        names.append(name)
-        steps.append(Step(rank, name, "kept", "uniform", None))
-    if not soup.count:
-        raise _no_usable(steps)
-    state = soup.average()
-    correct = score(state, None, True) if soup.count > 1 else best
-    return SoupResult(state, names, steps, best, correct, state, soup.count)
-
-
-# A soup method is one function: (ranked candidates, score, held-out size, tie rule) -> SoupResult.
-SOUP_METHODS = {"greedy": greedy_soup, "uniform": uniform_method}
