@@ -1,11 +1,13 @@
 """Input pipeline: images/s the training loader delivers (mask-layout JPEGs 384x512 -> the
 recipe's training size, `medium` augmentation, the recipe's worker count), decoding every epoch
-vs from the decoded-image cache (epoch 2+), against images/s the recipe's model consumes in
-training steps on this machine. Says which side bounds an epoch."""
+vs from the decoded-image cache (epoch 2+), the two alternated over several epochs (medians),
+against images/s the recipe's model consumes in training steps on this machine. Says which side
+bounds an epoch."""
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +36,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="configs/mask.yaml")
     parser.add_argument("--persons", type=int, default=60)
     parser.add_argument("--steps", type=int, default=4, help="training steps to time the model")
+    parser.add_argument("--repeats", type=int, default=4, help="epochs per loader side, alternated")
     args = parser.parse_args()
     root = mask_dataset(Path(tempfile.gettempdir()) / "soups-bench" / f"mask{args.persons}", args.persons)
     base = {"data": str(root), "pretrained": "none", "aug": "medium", "val_ratio": 0.1, "test_ratio": 0.1}
@@ -41,11 +44,15 @@ def main() -> None:
     cached = load_recipe(args.recipe, base)
     splits = load_splits(lazy)
     n = len(splits.train)
-    uncached_rate = loader_rate(train_loader(splits, lazy)[0], n)
+    decoding = train_loader(splits, lazy)[0]
     start = time.perf_counter()
     loader, _ = train_loader(splits, cached)  # decodes the split once, into memory
     decode_s = time.perf_counter() - start
-    cached_rate = loader_rate(loader, n)
+    rates = {"decoding": [], "cached": []}
+    for r in range(args.repeats):  # alternate the sides: the machine's load drifts
+        for side in ("decoding", "cached") if r % 2 == 0 else ("cached", "decoding"):
+            rates[side].append(loader_rate(decoding if side == "decoding" else loader, n))
+    uncached_rate, cached_rate = (statistics.median(rates[k]) for k in ("decoding", "cached"))
 
     model = create_model(cached.model, len(splits.train.classes)).train()
     mean, std = normalisation(model)
@@ -69,7 +76,7 @@ def main() -> None:
         "input_pipeline",
         [
             {
-                "what": f"epoch 1 (decoding {n} JPEGs 384x512): loader vs model ({size})",
+                "what": f"an epoch decoding {n} JPEGs 384x512: loader vs model ({size})",
                 "a": f"loader {uncached_rate:.0f} img/s",
                 "b": f"model {model_rate:.1f} img/s",
                 "ratio": f"loader {uncached_rate / model_rate:.1f}x the model",
@@ -77,8 +84,9 @@ def main() -> None:
                 "ok": None,
             },
             {
-                "what": "epoch 2+ from the decoded-image cache (decoded once in "
-                f"{decode_s:.1f} s, {n * cached.img_size**2 * 3 / 2**20:.0f} MiB)",
+                "what": "an epoch from the decoded-image cache (decoded once in "
+                f"{decode_s:.1f} s, {n * cached.img_size**2 * 3 / 2**20:.0f} MiB) vs decoding, "
+                f"alternated, median of {args.repeats} epochs each",
                 "a": f"loader decoding {uncached_rate:.0f} img/s",
                 "b": f"loader from cache {cached_rate:.0f} img/s",
                 "ratio": f"{cached_rate / uncached_rate:.1f}x faster",

@@ -368,8 +368,15 @@ def _cap(samples: Samples, n: int, seed: int) -> Samples:
 
 
 def fingerprint(val: Samples, test: Samples) -> str:
+    """What makes two runs' held-out scores comparable: the class names and every val and test
+    image with its label (a relabel list or other age bins change it, so their runs never share a
+    soup or a champion comparison)."""
     h = hashlib.sha256()
-    for name, part in (("classes", val.classes), ("val", sorted(val.keys)), ("test", sorted(test.keys))):
+    for name, part in (
+        ("classes", list(val.classes)),
+        ("val", sorted(f"{k}\t{y}" for k, y in zip(val.keys, val.labels.tolist(), strict=True))),
+        ("test", sorted(f"{k}\t{y}" for k, y in zip(test.keys, test.labels.tolist(), strict=True))),
+    ):
         h.update(("\n".join([name, *part]) + "\n").encode())
     return h.hexdigest()[:16]
 

@@ -49,7 +49,7 @@ def score_run(run, given: dict, split: str, sets: dict):
         part = getattr(splits, split)
         if not len(part):
             raise SoupsError(f"run {rid}: its {split} split is empty")
-        decoded = data.decode(part, recipe.img_size, recipe.workers, desc=f"decode {split}")
+        decoded = data.decode(part, recipe.img_size, recipe.workers, recipe.skip_bad, f"decode {split}")
         sets[key] = EvalSet.from_decoded(decoded, len(part.classes))
     evalset = sets[key]
     ckpt = load_checkpoint(tracking.cached_checkpoint(run)[0])

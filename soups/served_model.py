@@ -4,7 +4,10 @@ or loads the model, so nothing is pickled; the weights come from the `checkpoint
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from soups import SoupsError
 from soups.models import load_checkpoint
 from soups.predict import Predictor
 
@@ -17,7 +20,10 @@ class SoupModel(mlflow.pyfunc.PythonModel):
         self.predictor = Predictor(load_checkpoint(Path(context.artifacts["checkpoint"])))
 
     def predict(self, context, model_input, params=None):
-        return self.predictor.predict(model_input)
+        try:
+            return self.predictor.predict(model_input)
+        except SoupsError as e:  # a bad image: 400 naming the row, not a 500 with a stack trace
+            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
 
 
 mlflow.models.set_model(SoupModel())

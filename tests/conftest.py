@@ -163,9 +163,10 @@ def mlflow_server(workdir: Path, *extra: str, env: dict | None = None):
 
 
 @contextlib.contextmanager
-def postgres_server():
+def postgres_server(password: str | None = None):
     """A throwaway PostgreSQL cluster on 127.0.0.1 (Debian's postgresql package), as the postgres
-    user when running as root; yields its SQLAlchemy URL and removes the cluster afterwards."""
+    user when running as root; yields its SQLAlchemy URL (without the password, when the cluster
+    has one: connections then need it) and removes the cluster afterwards."""
     import glob
     import shutil
     import subprocess
@@ -187,7 +188,13 @@ def postgres_server():
         subprocess.run([*as_pg, *args], check=True, capture_output=True, text=True, timeout=120)
 
     try:
-        pg(str(bindir / "initdb"), "-D", str(work / "data"), "-A", "trust", "-U", "postgres")
+        auth = ["-A", "trust"]
+        if password:
+            (work / "pw").write_text(password)
+            if root:
+                shutil.chown(work / "pw", "postgres", "postgres")
+            auth = ["--auth-local", "trust", "--auth-host", "scram-sha-256", "--pwfile", str(work / "pw")]
+        pg(str(bindir / "initdb"), "-D", str(work / "data"), *auth, "-U", "postgres")
         options = f"-p {port} -k {work} -c listen_addresses=127.0.0.1 -c max_connections=200"
         pg(
             str(bindir / "pg_ctl"),

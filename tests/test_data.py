@@ -157,3 +157,17 @@ def test_dataset_decodes_on_the_fly_and_from_memory_alike(mask_root):
     lazy, cached = ImageDataset(pool, 20), ImageDataset(decode(pool, 20), 20)
     for j in range(5):
         assert lazy[j][1] == cached[j][1] and (lazy[j][0] == cached[j][0]).all()
+
+
+def test_fingerprint_follows_the_held_out_labels(tmp_path):
+    """The same files with other labels (a relabel list) are another split: no shared soup."""
+    from tests.conftest import make_mask_dataset
+
+    root = make_mask_dataset(tmp_path / "m", persons=9)
+    plain = make_splits(read_layout("mask", root), 0.34, 0.0, 0)
+    person = plain.val.groups[0]
+    fixes = tmp_path / "fix.yaml"
+    fixes.write_text(f'flip_gender: ["{person}"]\n')
+    relabelled = make_splits(read_layout("mask", root, relabel=str(fixes)), 0.34, 0.0, 0)
+    assert relabelled.val.keys == plain.val.keys and relabelled.fingerprint != plain.fingerprint
+    assert make_splits(read_layout("mask", root), 0.34, 0.0, 0).fingerprint == plain.fingerprint

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -220,6 +221,26 @@ def test_served_soup_answers_like_infer(store, tmp_path):
             answer = json.loads(r.read())["predictions"]
         assert [a["label"] for a in answer] == [int(expected[n]) for n in names]
         assert all(0 < a["probability"] <= 1 and a["class_name"].count("/") == 2 for a in answer)
+        # a row that is not an image: 400 naming the row and the reason, no stack trace ...
+        bad = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[images[0]], ["not base64!"]]}})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", bad.encode(), {"Content-Type": "application/json"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        text = refused.value.read().decode()
+        assert refused.value.code == 400 and "input image 1 cannot be decoded" in text
+        assert "Traceback" not in text and "stack_trace" not in text
+        # ... and the server goes on answering good requests
+        with urllib.request.urlopen(
+            urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+            ),
+            timeout=60,
+        ) as r:
+            assert [a["label"] for a in json.loads(r.read())["predictions"]] == [
+                int(expected[n]) for n in names
+            ]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)

@@ -1,0 +1,101 @@
+"""Sweep workers that die or start together: real worker processes on one SQLite Optuna storage."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import optuna
+import pytest
+import yaml
+
+from soups import tracking
+from tests.conftest import ROOT, TINY, write_recipe
+
+SPACE = {"lr": {"log_uniform": [1e-3, 1e-2]}, "seed": {"int": [0, 1000]}}
+
+
+@pytest.fixture
+def setup(tmp_path, tracking_uri, fmnist_root):
+    recipe = write_recipe(
+        tmp_path / "tiny.yaml",
+        experiment="faults",
+        data=str(fmnist_root),
+        layout="fashion-mnist",
+        **{**TINY, "epochs": 1},
+        space=SPACE,
+    )
+    mlflow.MlflowClient().create_experiment("faults")  # once, before the workers
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    env.pop("MLFLOW_RUN_ID", None)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    return dict(recipe=recipe, env=env, storage=storage)
+
+
+def worker(setup, *extra):
+    return [
+        sys.executable,
+        "entrypoints/sweep.py",
+        "--recipe",
+        str(setup["recipe"]),
+        "--storage",
+        setup["storage"],
+        "--pruner",
+        "none",
+        *extra,
+    ]
+
+
+def test_a_worker_killed_mid_trial_is_failed_retried_and_the_sweep_completes(setup, tmp_path):
+    slow = write_recipe(
+        tmp_path / "slow.yaml", **{**yaml.safe_load(setup["recipe"].read_text()), "epochs": 30}
+    )
+    args = worker({**setup, "recipe": slow}, "--trials", "2", "--study", "killed", "--heartbeat", "1")
+    first = subprocess.Popen(
+        args, cwd=ROOT, env=setup["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while True:  # until trial 0 runs and has named its MLflow run
+        try:
+            trials = optuna.load_study(study_name="killed", storage=setup["storage"]).get_trials()
+        except KeyError:
+            trials = []
+        if any(t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs for t in trials):
+            break
+        assert time.time() < deadline and first.poll() is None, "the first worker never started a trial"
+        time.sleep(0.5)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    killed_run = next(t for t in trials if t.state.name == "RUNNING").user_attrs["mlflow_run_id"]
+    time.sleep(3)  # past the grace period: twice the heartbeat
+    fast = worker(setup, "--trials", "2", "--study", "killed", "--heartbeat", "1")
+    second = subprocess.run(fast, cwd=ROOT, env=setup["env"], capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "this worker ran 2 trial(s)" in second.stdout
+    trials = optuna.load_study(study_name="killed", storage=setup["storage"]).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    client = mlflow.MlflowClient()
+    dead = client.get_run(killed_run)
+    assert dead.info.status == "FAILED" and "stopped sending heartbeats" in dead.data.tags[tracking.STOPPED]
+    retry = client.get_run(trials[2].user_attrs["mlflow_run_id"])
+    assert retry.data.params["i"] == "0", "the retry trains the member the killed trial drew"
+    assert retry.info.status == "FINISHED" and tracking.SHA256 in retry.data.tags
+    parent = client.get_run(retry.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED" and "best_val_accuracy" in parent.data.metrics
+
+
+def test_tpe_workers_started_together_draw_different_hyperparameters(setup):
+    args = worker(setup, "--trials", "4", "--study", "tpe", "--sampler", "tpe")
+    procs = [
+        subprocess.Popen(
+            args, cwd=ROOT, env=setup["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-1500:] for _, e in outs]
+    trials = optuna.load_study(study_name="tpe", storage=setup["storage"]).get_trials()
+    drawn = [(round(t.params["lr"], 12), t.params["seed"]) for t in trials]
+    assert len(trials) == 4 and len(set(drawn)) == 4, drawn
