@@ -13,7 +13,7 @@ export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT ?= true
 DEMO_DATA ?= /usr/share/datasets/fashion-mnist
 DEMO_MEMBERS ?= 4
 
-.PHONY: demo test lint venv data clean bench stress
+.PHONY: demo test test-fast lint venv data clean bench stress screenshot
 
 venv: $(STAMP)
 
@@ -46,6 +46,11 @@ demo: venv data
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# The README's picture of the runs page (docs/runs-page.png): after `make demo`, a real server and a
+# headless Chromium, as tests/test_ui.py looks at it.
+screenshot: venv
+	BIN=$(BIN) bash scripts/ui-screenshot.sh "$(MLFLOW_TRACKING_URI)" docs/runs-page.png
 
 # Speed, memory and soup-quality benchmarks; rewrites docs/BENCHMARKS.md (about 15 minutes).
 bench: venv data

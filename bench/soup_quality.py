@@ -71,13 +71,16 @@ def run_fit(recipe, splits, val: EvalSet, initial: dict | None):
 
 
 def make_sweep(args, split_seed: int, shared: bool, splits, val: EvalSet, cache: Path) -> Sweep:
-    overrides = {"split_seed": split_seed, **args.overrides}
+    # start: none, because the bench makes and loads the start itself (and the cache keys agree).
+    overrides = {"split_seed": split_seed, "start": "none", **args.overrides}
     base = load_recipe(args.recipe, overrides)
     total = base.start_epochs + base.epochs
     pretrained = create_model(base.model, len(splits.train.classes), base.pretrained).state_dict()
     start = pretrained
     if shared:
-        r = load_recipe(args.recipe, {**overrides, "i": 0, "epochs": base.start_epochs})
+        r = load_recipe(
+            args.recipe, {**overrides, "i": 0, "epochs": base.start_epochs, **args.start_overrides}
+        )
         start, acc = trained(cache / f"start-{key(r)}.pt", lambda: run_fit(r, splits, val, None))
         print(f"split {split_seed} start ({base.start_epochs} epochs): val {acc:.4f}", flush=True)
     states, vals = [], []
@@ -170,6 +173,7 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=6)
     parser.add_argument("--methods", default=",".join(METHODS), help="soup methods to judge")
     parser.add_argument("--set", action="append", default=[], help="recipe override key=value (repeatable)")
+    parser.add_argument("--start-set", action="append", default=[], help="override for the start run only")
     parser.add_argument(
         "--no-independent",
         dest="independent",
@@ -180,6 +184,7 @@ def main() -> None:
     parser.add_argument("--name", default="soup_quality")
     args = parser.parse_args()
     args.overrides = dict(kv.split("=", 1) for kv in args.set)
+    args.start_overrides = dict(kv.split("=", 1) for kv in args.start_set)
     methods = [m for m in args.methods.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",")]
     runs = {}

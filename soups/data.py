@@ -367,6 +367,19 @@ def _cap(samples: Samples, n: int, seed: int) -> Samples:
     return samples.subset(np.sort(np.random.default_rng(seed).choice(len(samples), n, replace=False)))
 
 
+def digest(samples: Samples) -> str:
+    """Of one part's images and labels: changes exactly when they do (an MLflow dataset digest)."""
+    lines = sorted(f"{k}\t{y}" for k, y in zip(samples.keys, samples.labels.tolist(), strict=True))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def data_name(data: str | Path) -> str:
+    """A short name for a dataset: its folder's name (`/usr/share/datasets/fashion-mnist` ->
+    `fashion-mnist`), lower case, with anything but letters, digits, - and _ made a -."""
+    name = Path(str(data).rstrip("/")).name or "data"
+    return re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-") or "data"
+
+
 def fingerprint(val: Samples, test: Samples) -> str:
     """What makes two runs' held-out scores comparable: the class names and every val and test
     image with its label (a relabel list or other age bins change it, so their runs never share a

@@ -10,10 +10,12 @@ import pandas as pd
 
 from soups import SoupsError, data, plots, tracking
 from soups.evaluate import EvalSet, confusion, default_device, metrics, predict
+from soups.finetune import data_parts
 from soups.models import load_checkpoint
 from soups.recipe import Recipe, from_params
 
 SPLITS = ("val", "test")
+CONTEXTS = {"val": "validation", "test": "test"}
 
 
 @dataclass
@@ -50,8 +52,9 @@ def score_run(run, given: dict, split: str, sets: dict):
         if not len(part):
             raise SoupsError(f"run {rid}: its {split} split is empty")
         decoded = data.decode(part, recipe.img_size, recipe.workers, recipe.skip_bad, f"decode {split}")
-        sets[key] = EvalSet.from_decoded(decoded, len(part.classes))
-    evalset = sets[key]
+        (dataset,) = data_parts(recipe, splits, (CONTEXTS[split],))
+        sets[key] = (EvalSet.from_decoded(decoded, len(part.classes)), dataset)
+    evalset = sets[key][0]
     ckpt = load_checkpoint(tracking.cached_checkpoint(run)[0])
     logits = predict(ckpt.build(), evalset, ckpt.mean, ckpt.std, 2 * recipe.batch_size, default_device())
     scores = metrics(logits, evalset.labels)
@@ -68,6 +71,23 @@ def score_run(run, given: dict, split: str, sets: dict):
     return scores, confusion(logits.argmax(1), evalset.labels, ckpt.num_classes), ckpt.classes, gallery
 
 
+def evaluation_note(split: str, rows: list[dict], sets: dict, experiment_id: str) -> str:
+    """The evaluation run's description: what it scored, on which images, with links."""
+    parts = ", ".join(f"`{part.name}` ({part.images} images)" for _, part in sets.values())
+    lines = [
+        f"**Held-out scores on {split}** of {len(rows)} ingredient run(s), on {parts or 'no images'}.",
+        "",
+        "| run | i | accuracy | macro F1 | note |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        acc = "-" if "accuracy" not in r else f"{100 * r['accuracy']:.2f}%"
+        f1 = "-" if "f1" not in r else f"{r['f1']:.4f}"
+        link = tracking.run_link(r["run_id"], experiment_id)
+        lines.append(f"| {link} | {r.get('i', '')} | {acc} | {f1} | {r.get('error', '')} |")
+    return "\n".join(lines)
+
+
 def evaluate_runs(
     recipe: Recipe, given: dict, run_id: str = "", split: str = "test", source: str = ""
 ) -> EvalReport:
@@ -75,7 +95,13 @@ def evaluate_runs(
     `<split>_accuracy`; a run that cannot be scored gets its reason in the table."""
     if split not in SPLITS:
         raise SoupsError(f"split={split!r} must be one of {', '.join(SPLITS)}")
-    with tracking.start("evaluation", recipe.experiment) as run:
+    with tracking.start(
+        "evaluation",
+        recipe.experiment,
+        name=f"evaluate {split}",
+        system_metrics=recipe.system_metrics,
+        experiment_note=recipe.description,
+    ) as run:
         run.log_params({"split": split, "scored_run": run_id or "all lacking a score"})
         if run_id:
             runs = [tracking.get_run(run_id)]
@@ -106,6 +132,10 @@ def evaluate_runs(
             hint = f"every ingredient run already has {split} scores: pass -P run_id=<id> to score one again"
             return EvalReport(run.id, split, scores, message=hint)
         table = pd.DataFrame(per_class)
+        scored = [r for r in rows if "error" not in r]
+        run.rename(f"evaluate {split} ({len(scored)} runs)")
+        run.describe(evaluation_note(split, rows, sets, run.experiment_id))
+        run.log_datasets(list({part.digest: part for _, part in sets.values()}.values()))
         run.log_table(scores, tracking.SCORES)
         if not table.empty:
             table = table[["class", *[c for c in table.columns if c != "class"]]]

@@ -3,6 +3,7 @@ training loop and the tracking contract."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -173,7 +174,15 @@ def tracked_training(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     on_start: Callable[[str], None] | None = None,
 ) -> str:
-    with tracking.start(role, recipe.experiment, parent, tags) as run:
+    with tracking.start(
+        role,
+        recipe.experiment,
+        parent,
+        tags,
+        name=run_name(role, recipe),
+        system_metrics=recipe.system_metrics,
+        experiment_note=recipe.description,
+    ) as run:
         if on_start is not None:
             on_start(run.id)
         run.log_params(params(recipe))
@@ -183,9 +192,11 @@ def tracked_training(
         run.log_split(splits.fingerprint)
         if recipe.relabel:
             run.log_relabel(splits.relabelled, Path(recipe.relabel))
+        run.log_datasets(data_parts(recipe, splits, ("training", "validation")))
         model, start = initial_model(recipe, splits, run.experiment_id, role)
         log.info("%s starts from %s (weights %s…)", role, start.source, start.digest[:12])
         run.log_start(start.digest, start.run_id)
+        run.describe(training_note(role, recipe, splits, start, run.experiment_id))
         if role == "start" and recipe.start_mode == "probe":
             freeze_all_but_head(model)
         ckpt = train(run, recipe, splits, model, on_epoch)
@@ -202,6 +213,58 @@ def tracked_training(
                     f"{kept}"
                 ) from None
     return run.id
+
+
+def run_name(role: str, recipe: Recipe) -> str:
+    """`finetune i=3 lr=1.2e-03`, `start ft 3 ep`: what a person looks for in the runs table."""
+    if role == "start":
+        return f"start {'ft' if recipe.start_mode == 'finetune' else 'probe'} {recipe.epochs} ep"
+    return f"finetune i={recipe.i} lr={recipe.lr:.1e}"
+
+
+CONTEXT_SPLIT = {"training": "train", "validation": "val", "test": "test"}
+
+
+def data_parts(recipe: Recipe, splits: data.Splits, contexts) -> list[tracking.DataPart]:
+    """The recipe's data as MLflow dataset inputs, one per context (training, validation, test)."""
+    out = []
+    for context in contexts:
+        part = getattr(splits, CONTEXT_SPLIT[context])
+        if len(part):
+            name = f"{data.data_name(recipe.data)}/{CONTEXT_SPLIT[context]}"
+            out.append(
+                tracking.DataPart(
+                    name, str(data.data_root(recipe.data)), data.digest(part), context, len(part)
+                )
+            )
+    return out
+
+
+def training_note(role: str, recipe: Recipe, splits: data.Splits, start: Start, experiment_id: str) -> str:
+    """The run's description: what it is, its draw, and where it started from."""
+    drawn = ", ".join(
+        f"{k} {getattr(recipe, k):.3g}"
+        if isinstance(getattr(recipe, k), float)
+        else f"{k} {getattr(recipe, k)}"
+        for k in sorted(recipe.space)
+    )
+    what = (
+        f"**Shared start** of a sweep: {recipe.epochs} epochs ({recipe.start_mode}) of member "
+        f"{recipe.i}'s draw."
+        if role == "start"
+        else f"**Sweep member {recipe.i}**, {recipe.epochs} epochs."
+    )
+    origin = (
+        f"{tracking.run_link(start.run_id, experiment_id, 'start run ' + start.run_id[:8])}"
+        if start.run_id
+        else f"the pretrained weights (`{recipe.pretrained}`, head at zero)"
+    )
+    return (
+        f"{what}\n\n- model `{recipe.model}` at {recipe.img_size} px, data `{data.data_name(recipe.data)}` "
+        f"({len(splits.train)} training, {len(splits.val)} val images; split `{splits.fingerprint}`)\n"
+        f"- draw: {drawn or 'none (no search space)'}\n"
+        f"- started from {origin}, weights `{start.digest[:12]}`"
+    )
 
 
 def freeze_all_but_head(model: nn.Module) -> None:
@@ -233,8 +296,11 @@ def train(
         }
     )
     offline: list[int] = []  # epochs whose metrics the server did not take
+    best = {"best_val_accuracy": -1.0, "best_val_epoch": 0}  # a summary users sort the runs table by
 
     def report(epoch: int, metrics: dict[str, float]) -> None:
+        if metrics["val_accuracy"] > best["best_val_accuracy"]:
+            best.update(best_val_accuracy=metrics["val_accuracy"], best_val_epoch=epoch)
         try:
             run.log_epoch(epoch, metrics)
         except tracking.Unreachable as e:  # keep training: the weights matter more than a curve
@@ -254,6 +320,8 @@ def train(
     extra = attribute_accuracy if recipe.layout == "mask" else None
     val_set = EvalSet.from_decoded(val, len(classes))
     fit(model, loader, val_set, train_config(recipe), mean, std, default_device(), report, loss, extra)
+    with contextlib.suppress(tracking.Unreachable):  # the checkpoint upload says it, in one line
+        run.log_summary(best)
     return Checkpoint(
         model.state_dict(),
         model=recipe.model,

@@ -19,7 +19,7 @@ from soups.ensemble import VOTES, attribute_vote, hard_vote, soft_vote
 from soups.evaluate import confusion, default_device, macro_f1
 from soups.models import Checkpoint, load_checkpoint
 from soups.predict import Predictor
-from soups.recipe import Recipe
+from soups.recipe import Recipe, registered_name
 
 log = logging.getLogger(__name__)
 TTA = ("none", "hflip")
@@ -28,7 +28,7 @@ BAD = -1  # the explicit label of an image that could not be read (skip_bad)
 
 @dataclass(frozen=True)
 class InferOptions:
-    model_uri: str = ""  # default: models:/<recipe's registered_model>@champion
+    model_uri: str = ""  # default: models:/<the recipe's registered name>@champion
     ensemble: str = ""  # comma-separated model URIs, or top:N (the N best ingredient runs)
     weights: str = ""  # "" equal | val (each member's val_accuracy) | w1,w2,...
     vote: str = "soft"
@@ -151,6 +151,18 @@ def vote_on_files(paths: list[str], vote: str) -> pd.DataFrame:
     return pd.DataFrame({key: frames[0][key], label: voted})
 
 
+def inference_note(model_uri: str, results: dict, images: int, unreadable: int, opts: InferOptions) -> str:
+    """The inference run's description: which model (and ensemble) predicted what, how well."""
+    lines = [f"**Predictions** for {images} images ({unreadable} unreadable) with `{model_uri}`"]
+    lines[0] += f", beside a {opts.vote} vote of `{opts.ensemble}`." if opts.ensemble else "."
+    lines += ["", "| predictor | accuracy | macro F1 | ms / image |", "| --- | --- | --- | --- |"]
+    for key, p in results.items():
+        acc = "-" if p.accuracy is None else f"{100 * p.accuracy:.2f}%"
+        f1 = "-" if p.f1 is None else f"{p.f1:.4f}"
+        lines.append(f"| {key}: {p.name} | {acc} | {f1} | {1000 * p.seconds_per_image:.2f} |")
+    return "\n".join(lines)
+
+
 def infer(recipe: Recipe, opts: InferOptions) -> dict:
     """Predict the recipe's test images with `model_uri` (and the ensemble, if any); log an
     inference run with predictions.csv. Returns what to print."""
@@ -165,8 +177,10 @@ def infer(recipe: Recipe, opts: InferOptions) -> dict:
             raise SoupsError("vote_files holds labels, not probabilities: use vote=hard or vote=attributes")
         paths = [p.strip() for p in opts.vote_files.split(",") if p.strip()]
         frame = vote_on_files(paths, opts.vote)
-        with tracking.start("inference", recipe.experiment) as run:
+        name = f"vote {opts.vote} of {len(paths)} files"
+        with tracking.start("inference", recipe.experiment, name=name) as run:
             run.log_params({"vote_files": opts.vote_files, "vote": opts.vote})
+            run.describe(f"**{opts.vote.capitalize()} vote** of the predictions in: {opts.vote_files}")
             run.log_table(frame, tracking.PREDICTIONS)
         if opts.output:
             write_atomically(frame, Path(opts.output))
@@ -179,14 +193,34 @@ def infer(recipe: Recipe, opts: InferOptions) -> dict:
             "soup_run": {},
             "frame": frame,
         }
-    model_uri = opts.model_uri or f"models:/{recipe.registered_model}@{tracking.CHAMPION}"
+    model_uri = opts.model_uri or f"models:/{registered_name(recipe)}@{tracking.CHAMPION}"
     device = default_device()
-    with tracking.start("inference", recipe.experiment) as run:
+    short = f"@{tracking.CHAMPION}" if not opts.model_uri else model_uri
+    with tracking.start(
+        "inference",
+        recipe.experiment,
+        name=f"infer {short}" + (f" vs {opts.ensemble}" if opts.ensemble else ""),
+        system_metrics=recipe.system_metrics,
+        experiment_note=recipe.description,
+    ) as run:
         run.log_params(
             {"model_uri": model_uri, "ensemble": opts.ensemble, "tta": opts.tta, "vote": opts.vote}
         )
         main = load_checkpoint(tracking.checkpoint_for(model_uri))
         samples = data.inference_inputs(recipe, main.classes)
+        labelled = len(samples) and (samples.labels >= 0).all()
+        part = "test" if labelled else "inference"
+        run.log_datasets(
+            [
+                tracking.DataPart(
+                    f"{data.data_name(recipe.data)}/{part}",
+                    str(data.data_root(recipe.data)),
+                    data.digest(samples),
+                    part,
+                    len(samples),
+                )
+            ]
+        )
         decoded: dict[int, data.Decoded] = {}
 
         def pixels(size: int) -> data.Decoded:
@@ -243,6 +277,7 @@ def infer(recipe: Recipe, opts: InferOptions) -> dict:
         if opts.output:
             write_atomically(frame, Path(opts.output))
         soup_run = tracking.soup_metrics(model_uri)
+        run.describe(inference_note(model_uri, results, len(samples), len(images.skipped), opts))
     return {
         "run_id": run.id,
         "results": results,

@@ -91,7 +91,14 @@ class Recipe:
     workers: int = _f(2, "Data-loader worker processes.")
     cache_mb: int = _f(2048, "Keep decoded, resized images in memory when they fit in this many MiB.")
     skip_bad: bool = _f(False, "Skip unreadable images (counted in the run) instead of failing.")
-    registered_model: str = _f("soup", "Registered model name the soup step writes.")
+    registered_model: str = _f(
+        "",
+        "Registered model name the soup step writes and infer reads [default: <data folder name>-soup].",
+    )
+    description: str = _f("", "Markdown description of the experiment, set on it when it has none.")
+    system_metrics: bool = _f(
+        False, "Log CPU, memory and GPU use while the step runs (MLflow system metrics)."
+    )
     i: int = _f(0, "Index of this member of the sweep: seeds the draw from `space`.")
     space: dict = field(
         default_factory=dict,
@@ -187,6 +194,14 @@ def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None
         raise SoupsError(f"parameter i={i} must be >= 0 (it indexes the sweep member)")
     space = given.get("space", values.get("space", {}))
     return Recipe(**{**values, **draw(space, i), **given})
+
+
+def registered_name(recipe: Recipe) -> str:
+    """The registry name of a recipe's soups: its own, else `<data folder name>-soup`, so that a
+    recipe pointed at other data never writes into the demo's model."""
+    from soups.data import data_name
+
+    return recipe.registered_model or f"{data_name(recipe.data)}-soup"
 
 
 def params(recipe: Recipe) -> dict[str, Any]:

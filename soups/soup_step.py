@@ -6,6 +6,7 @@ gather (rank runs, rebuild the split) -> cook (the chosen method, then the ones 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import tempfile
@@ -18,6 +19,7 @@ import pandas as pd
 
 from soups import SoupsError, data, plots, tracking
 from soups.evaluate import EvalSet, Scorer, default_device, has_batchnorm, metrics
+from soups.finetune import data_parts
 from soups.models import (
     Checkpoint,
     create_model,
@@ -26,7 +28,7 @@ from soups.models import (
     save_checkpoint,
     weights_digest,
 )
-from soups.recipe import Recipe, from_params
+from soups.recipe import Recipe, from_params, registered_name
 from soups.soup import METHODS, Candidate, Kitchen, SoupResult, StateDict, method
 
 log = logging.getLogger(__name__)
@@ -279,9 +281,16 @@ def make_soup(
     params = chosen.resolve(opts.method_params)
     if opts.bn_recalibrate not in BN_MODES:
         raise SoupsError(f"bn_recalibrate={opts.bn_recalibrate!r} must be one of {', '.join(BN_MODES)}")
-    with tracking.start("soup", recipe.experiment) as run:
+    with tracking.start(
+        "soup",
+        recipe.experiment,
+        name=f"{opts.method} soup",
+        system_metrics=recipe.system_metrics,
+        experiment_note=recipe.description,
+    ) as run:
         g = gather(run, recipe, given, opts)
         run.log_split(g.splits.fingerprint)
+        run.log_datasets(data_parts(g.ref, g.splits, ("validation", "test")))
         num_classes = int(g.top.data.params["num_classes"])
         model = create_model(g.ref.model, num_classes)
         mean, std = normalisation(model)
@@ -293,7 +302,10 @@ def make_soup(
         log.info("%s soup over %d candidate runs, held-out %d images", opts.method, len(g.runs), len(val))
         dishes = cook_all(opts, lambda: Kitchen(ingredients.candidates(), scorer, start), scorer, recal, test)
         report = _report(run, g, opts, params, dishes, ingredients, scorer, test, dishes[0].work)
-        _publish(run, report, g, ingredients.meta, len(val), registered_model or recipe.registered_model)
+        name = registered_model or registered_name(
+            dataclasses.replace(g.ref, registered_model=recipe.registered_model)
+        )
+        _publish(run, report, g, ingredients.meta, len(val), name)
     return report
 
 
@@ -336,8 +348,59 @@ def _report(run, g: Gathered, opts, params, dishes, ingredients, scorer, test, s
     )
 
 
+def soup_name(report: SoupReport) -> str:
+    """`greedy soup 2/4 (+0.40 val)`: method, ingredients kept of usable, val gain in points."""
+    chosen = report.chosen
+    gain = 100 * (chosen.val_accuracy - report.best_val_accuracy)
+    return f"{report.method} soup {chosen.n_ingredients}/{report.n_usable} ({gain:+.2f} val)"
+
+
+def soup_note(report: SoupReport, g: Gathered, experiment_id: str) -> str:
+    """The soup run's description: method, start, each ingredient with its link, score and the
+    decision, and the result beside the best ingredient and the other methods."""
+    method_ = METHODS[report.method]
+    start_run = tracking.start_run_of(g.top)
+    start = (
+        tracking.run_link(start_run, experiment_id, f"start run {start_run[:8]}")
+        if start_run
+        else f"the pretrained weights (`{g.ref.pretrained}`)"
+    )
+    rows = [
+        f"| {row['rank']} | {tracking.run_link(row['run_id'], g.top.info.experiment_id)} | {row['i']} | "
+        f"{pct(row['val_accuracy'])} | {pct(row['soup_val_accuracy'])} | {row['status']} | {row['reason']} |"
+        for row in report.table.to_dict("records")
+    ]
+    others = [
+        f"| {d.method} | {pct(d.val_accuracy)} | {pct(d.test_accuracy)} | {d.n_ingredients} |"
+        for d in report.dishes
+    ]
+    return "\n".join(
+        [
+            f"**{report.method} soup** ({method_.paper}) of {report.n_usable} usable ingredients, "
+            f"{report.chosen.n_ingredients} kept; they started from {start}, weights "
+            f"`{(tracking.start_of(g.top) or '?')[:12]}`; split `{g.splits.fingerprint}`.",
+            "",
+            "| rank | run | i | val | soup val after it | decision | why |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            *rows,
+            "",
+            f"Best ingredient: val {pct(report.best_val_accuracy)}, test {pct(report.best_test_accuracy)}.",
+            "",
+            "| method | val | test | ingredients |",
+            "| --- | --- | --- | --- |",
+            *others,
+        ]
+    )
+
+
+def pct(x) -> str:
+    return "-" if x is None or pd.isna(x) else f"{100 * x:.2f}%"
+
+
 def _publish(run, report: SoupReport, g: Gathered, meta: Checkpoint, held_out: int, name: str) -> None:
     run.log_soup(report)
+    run.rename(soup_name(report))
+    run.describe(soup_note(report, g, run.experiment_id))
     chosen = report.chosen
     uniform = next((d for d in report.dishes if d.method == BASELINE and d.n_ingredients > 1), None)
     run.log_figure(
@@ -370,5 +433,24 @@ def _publish(run, report: SoupReport, g: Gathered, meta: Checkpoint, held_out: i
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
         run.log_checkpoint(path, save_checkpoint(soup, path))
-        version, report.registry = run.register(path, name, chosen.val_accuracy, g.splits.fingerprint)
+        lineage = {
+            "soups.soup_run": run.id,
+            "soups.method": report.method,
+            "soups.ingredients": ",".join(chosen.result.ingredients),
+            "soups.start": tracking.start_of(g.top) or "",
+            "soups.start_run": tracking.start_run_of(g.top) or "",
+            "soups.split": g.splits.fingerprint,
+            "val_accuracy": f"{chosen.val_accuracy:.4f}",
+            "test_accuracy": "" if chosen.test_accuracy is None else f"{chosen.test_accuracy:.4f}",
+        }
+        note = (
+            f"{soup_name(report)} from "
+            f"{tracking.run_link(run.id, run.experiment_id, 'soup run ' + run.id[:8])}: "
+            f"val {pct(chosen.val_accuracy)}, test {pct(chosen.test_accuracy)} (best ingredient "
+            f"{pct(report.best_val_accuracy)} / {pct(report.best_test_accuracy)}). Ingredients: "
+            + ", ".join(tracking.run_link(r, g.top.info.experiment_id) for r in chosen.result.ingredients)
+        )
+        version, report.registry = run.register(
+            path, name, chosen.val_accuracy, g.splits.fingerprint, lineage, note
+        )
     log.info("registered %s version %d; %s", name, version, report.registry)

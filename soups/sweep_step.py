@@ -283,7 +283,7 @@ def sweep(recipe_path: str, recipe: Recipe, given: dict, opts: SweepOptions) -> 
         experiment_id = (
             tracking.experiment_of(own_run) if own_run else tracking.experiment_id(recipe.experiment)
         )
-        parent = tracking.sweep_parent(own_run, experiment_id, name)
+        parent = tracking.sweep_parent(own_run, experiment_id, name, opts.trials)
         parent.log_params(
             {
                 "trials": opts.trials,

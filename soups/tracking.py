@@ -11,8 +11,10 @@ import re
 import shlex
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,10 @@ MODEL_NAME = "model"  # the logged MLflow model of a soup run
 RANK_METRIC = "val_accuracy"
 SOUP_STEP_METRIC = "soup_val_accuracy"  # the chosen method's curve: greedy, step k = after k candidates
 CHAMPION = "champion"
+CHAMPION_WHY = "soups.champion_because"  # on a model version: why the alias moved to it
+NOTE = "mlflow.note.content"  # a run's, a model version's or an experiment's Markdown description
+EXPERIMENT_KIND = "mlflow.experimentKind"  # the UI opens an experiment in its model-training view
+MAX_NOTE_LENGTH = 8000  # MLflow keeps tag values up to this many characters
 CACHE_ENV = "SOUPS_CACHE"  # where downloaded checkpoints are kept, by run id
 
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
@@ -137,12 +143,26 @@ def experiment_id(name: str) -> str:
         return exp.experiment_id
 
 
+@dataclass(frozen=True)
+class DataPart:
+    """One part of a dataset a run used: its name (`<data>/<split>`), where it lives, a digest
+    that changes exactly when its images or labels do, its context (training / validation /
+    test / inference) and its size."""
+
+    name: str
+    source: str
+    digest: str
+    context: str
+    images: int
+
+
 class Run:
     """The active run, with the few things the steps log into it."""
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, named_by_user: bool = False):
         self.id = run_id
         self.client = MlflowClient()
+        self.named_by_user = named_by_user  # `mlflow run --run-name`: the steps never rename it
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log params that the run does not hold yet. `mlflow run` has already logged the `-P`
@@ -166,6 +186,11 @@ class Run:
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
         self.client.log_batch(self.id, metrics=items)
 
+    def log_summary(self, metrics: dict[str, float]) -> None:
+        """Metrics that sum a run up (no step): what the runs table sorts by."""
+        with reachable():
+            self.log_metrics(metrics)
+
     def log_recipe(self, text: str) -> None:
         self.client.log_text(self.id, text, RECIPE)
 
@@ -180,6 +205,35 @@ class Run:
 
     def log_split(self, fingerprint: str) -> None:
         self.client.set_tag(self.id, SPLIT, fingerprint)
+
+    def rename(self, name: str) -> None:
+        """Name the run, unless a person named it."""
+        if not self.named_by_user:
+            self.client.update_run(self.id, name=name[:250])
+
+    def describe(self, markdown: str) -> None:
+        """The run's description in the UI (Markdown)."""
+        self.client.set_tag(self.id, NOTE, markdown[:MAX_NOTE_LENGTH])
+
+    def log_datasets(self, datasets: list[DataPart]) -> None:
+        """The data a run trained on or was scored on, as MLflow dataset inputs (the UI's Dataset
+        column and Datasets page)."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        inputs = []
+        for part in datasets:
+            with warnings.catch_warnings():
+                # MLflow registers its local-file source twice and warns that a path is ambiguous.
+                warnings.simplefilter("ignore", UserWarning)
+                source = resolve_dataset_source(part.source)
+            dataset = MetaDataset(source, name=part.name, digest=part.digest)._to_mlflow_entity()
+            tags = [InputTag(MLFLOW_DATASET_CONTEXT, part.context), InputTag("images", str(part.images))]
+            inputs.append(DatasetInput(dataset, tags))
+        with reachable():
+            self.client.log_inputs(self.id, datasets=inputs)
 
     def log_start(self, digest: str, start_run: str = "") -> None:
         """Which exact weights this run started from: ingredients of one soup must share them."""
@@ -229,6 +283,10 @@ class Run:
             "n_ingredients": chosen.n_ingredients,
             "best_ingredient_val_accuracy": soup.best_val_accuracy,
             "best_ingredient_test_accuracy": soup.best_test_accuracy,
+            "val_gain_over_best_ingredient": chosen.val_accuracy - soup.best_val_accuracy,
+            "test_gain_over_best_ingredient": None
+            if chosen.test_accuracy is None or soup.best_test_accuracy is None
+            else chosen.test_accuracy - soup.best_test_accuracy,
             "n_usable": soup.n_usable,
             "held_out_images_scored": soup.images_scored,
             "held_out_images_full_evaluation": soup.images_full,
@@ -263,10 +321,19 @@ class Run:
             }
         self.log_metrics(metrics)
 
-    def register(self, checkpoint: Path, name: str, val_accuracy: float, split: str) -> tuple[int, str]:
-        """Log the soup as an MLflow model serving images, register it as a version of `name`, and
-        move alias `champion` to it when it beats the champion's val accuracy on the same split.
-        Returns the version and what happened to the alias."""
+    def register(
+        self,
+        checkpoint: Path,
+        name: str,
+        val_accuracy: float,
+        split: str,
+        lineage: dict | None = None,
+        note: str = "",
+    ) -> tuple[int, str]:
+        """Log the soup as an MLflow model serving images, register it as a version of `name`
+        with its lineage (tags: soup run, method, ingredient runs, start, scores) and description,
+        and move alias `champion` to it when it beats the champion's val accuracy on the same
+        split. Returns the version and what happened to the alias."""
         import soups
 
         info = mlflow.pyfunc.log_model(
@@ -277,25 +344,54 @@ class Run:
             registered_model_name=name,
         )
         version = int(info.registered_model_version)
+        client = MlflowClient()
+        if note:
+            client.update_model_version(name, str(version), description=note[:MAX_NOTE_LENGTH])
+        for key, value in (lineage or {}).items():
+            client.set_model_version_tag(name, str(version), key, str(value)[:MAX_NOTE_LENGTH])
+        if not client.get_registered_model(name).description:
+            client.update_registered_model(
+                name,
+                description=f"Model soups made by soups; `models:/{name}@{CHAMPION}` is the best on val.",
+            )
         return version, promote(name, version, val_accuracy, split)
 
 
 @contextmanager
-def start(role: str, experiment: str, parent: Run | None = None, tags: dict | None = None) -> Iterator[Run]:
+def start(
+    role: str,
+    experiment: str,
+    parent: Run | None = None,
+    tags: dict | None = None,
+    *,
+    name: str = "",
+    system_metrics: bool = False,
+    experiment_note: str = "",
+) -> Iterator[Run]:
     """Attach to the run `mlflow run` created (MLFLOW_RUN_ID), or start one in `experiment`; with
-    `parent`, start a child run in the parent's experiment. The run ends FINISHED, FAILED on an
-    exception, KILLED on Ctrl-C or when training was stopped early (`soups.Stopped`)."""
+    `parent`, start a child run in the parent's experiment. The run is named `name` unless the
+    user named it (`mlflow run --run-name`); with `system_metrics`, MLflow samples CPU, memory and
+    GPU use while it runs. An experiment without a description gets `experiment_note`. The run
+    ends FINISHED, FAILED on an exception, KILLED on Ctrl-C or when training was stopped early
+    (`soups.Stopped`)."""
     configure()
     run_id = None if parent else os.environ.get("MLFLOW_RUN_ID")
+    kw = {"log_system_metrics": True} if system_metrics else {}
     if run_id:  # under `mlflow run`: never set_experiment here, it raises
-        active = mlflow.start_run(run_id=run_id)
+        active = mlflow.start_run(run_id=run_id, **kw)
     elif parent:
-        active = mlflow.start_run(experiment_id=parent.experiment_id, parent_run_id=parent.id)
+        active = mlflow.start_run(
+            experiment_id=parent.experiment_id, parent_run_id=parent.id, run_name=name or None, **kw
+        )
     else:
-        active = mlflow.start_run(experiment_id=experiment_id(experiment))
+        active = mlflow.start_run(experiment_id=experiment_id(experiment), run_name=name or None, **kw)
     try:
         mlflow.set_tags({ROLE: role, **(tags or {})})
-        yield Run(active.info.run_id)
+        run = Run(active.info.run_id, named_by_user=bool(run_id) and not generated_name(active.info.run_name))
+        if name:
+            run.rename(name)
+        describe_experiment(active.info.experiment_id, experiment_note)
+        yield run
     except Stopped as e:
         _end("KILLED", {STOPPED: str(e)})
         raise
@@ -306,6 +402,36 @@ def start(role: str, experiment: str, parent: Run | None = None, tags: dict | No
         _end("FAILED")
         raise
     mlflow.end_run("FINISHED")
+
+
+def describe_experiment(experiment_id: str, note: str) -> None:
+    """Give an experiment its description and open it in the UI's model-training view, unless it
+    has them already (a description someone wrote is never replaced)."""
+    client = MlflowClient()
+    tags = client.get_experiment(experiment_id).tags
+    if note and not tags.get(NOTE):
+        client.set_experiment_tag(experiment_id, NOTE, note)
+    if EXPERIMENT_KIND not in tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, "custom_model_development")
+
+
+def generated_name(name: str | None) -> bool:
+    """Whether a run name is one MLflow made up (`calm-hound-118`), not one a person gave."""
+    if not name:
+        return True
+    parts = name.split("-")
+    if len(parts) != 3 or not parts[2].isdigit():
+        return False
+    try:
+        from mlflow.utils.name_utils import _GENERATOR_NOUNS, _GENERATOR_PREDICATES
+    except ImportError:  # the word lists moved: fall back to the shape alone
+        return parts[0].isalpha() and parts[1].isalpha()
+    return parts[0] in _GENERATOR_PREDICATES and parts[1] in _GENERATOR_NOUNS
+
+
+def run_link(run_id: str, experiment_id: str, label: str = "") -> str:
+    """A Markdown link to a run's page, as the UI resolves it from a description."""
+    return f"[{label or run_id[:8]}](#/experiments/{experiment_id}/runs/{run_id})"
 
 
 def _end(status: str, tags: dict | None = None) -> None:
@@ -359,18 +485,24 @@ def promote(name: str, version: int, val_accuracy: float, split: str) -> str:
         champ = None
     if champ is None or champ.run_id is None:
         client.set_registered_model_alias(name, CHAMPION, str(version))
-        return f"version {version} is the first {CHAMPION}"
+        why = f"the first {CHAMPION} (val {val_accuracy:.4f} on split {split})"
+        client.set_model_version_tag(name, str(version), CHAMPION_WHY, why)
+        return f"{name} version {version} is {why}"
     data = client.get_run(champ.run_id).data
     theirs, their_split = data.metrics.get(RANK_METRIC), data.tags.get(SPLIT)
     if their_split != split:
         return (
-            f"{CHAMPION} stays version {champ.version}: it was scored on split {their_split}, this "
+            f"{name}@{CHAMPION} stays version {champ.version}: it was scored on split {their_split}, this "
             f"soup on {split} (move it by hand: MlflowClient().set_registered_model_alias)"
         )
     if theirs is None or val_accuracy > theirs:
         client.set_registered_model_alias(name, CHAMPION, str(version))
-        return f"{CHAMPION} moved to version {version}: val {val_accuracy:.4f} beats {theirs}"
-    return f"{CHAMPION} stays version {champ.version}: val {theirs:.4f} >= this soup's {val_accuracy:.4f}"
+        why = f"val {val_accuracy:.4f} beats version {champ.version}'s {theirs} on split {split}"
+        client.set_model_version_tag(name, str(version), CHAMPION_WHY, why)
+        return f"{name}@{CHAMPION} moved to version {version}: val {val_accuracy:.4f} beats {theirs}"
+    return (
+        f"{name}@{CHAMPION} stays version {champ.version}: val {theirs:.4f} >= this soup's {val_accuracy:.4f}"
+    )
 
 
 def cache_root() -> Path:
@@ -651,11 +783,13 @@ def experiment_name(experiment_id: str) -> str:
     return MlflowClient().get_experiment(experiment_id).name
 
 
-def sweep_parent(own_run: str | None, experiment_id: str, study: str) -> Run:
+def sweep_parent(own_run: str | None, experiment_id: str, study: str, trials: int = 0) -> Run:
     """The sweep's parent run: the run `mlflow run` made for this worker, or a new one."""
     client = MlflowClient()
-    run_id = own_run or client.create_run(experiment_id, run_name=f"sweep {study}").info.run_id
-    run = Run(run_id)
+    name = f"sweep {study}" + (f" {trials} trials" if trials else "")
+    run_id = own_run or client.create_run(experiment_id, run_name=name).info.run_id
+    run = Run(run_id, named_by_user=not generated_name(client.get_run(run_id).info.run_name))
+    run.rename(name)
     run.set_tags({ROLE: "sweep", STUDY: study})
     return run
 
