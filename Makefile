@@ -1,5 +1,5 @@
 # make demo: set up .venv, fetch Fashion-MNIST, fine-tune, evaluate, soup and predict against ./mlflow.db
-# make test: set up .venv, run the tests (what CI runs)
+# make test: set up .venv, run the tests (what CI runs); make test-fast: the quick subset
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -44,8 +44,14 @@ demo: venv data
 	$(BIN)/mlflow run . -e infer -P data=$(DEMO_DATA) -P ensemble=top:$(DEMO_MEMBERS) -P output=outputs/predictions.csv --env-manager local
 	@echo; echo "See the runs: $(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)  (http://127.0.0.1:5000)"
 
+# Two pytest workers, each taking whole test files (a file's shared servers and trained fixtures
+# are built once): most tests wait on processes they started, so two workers keep 2 cores busy.
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# The developer's loop: everything but the `slow` tests (real servers, `mlflow run`, workers).
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The README's picture of the runs page (docs/runs-page.png): after `make demo`, a real server and a
 # headless Chromium, as tests/test_ui.py looks at it.
@@ -66,4 +72,4 @@ lint: venv
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf mlflow.db mlflow.db.lock mlruns mlartifacts .soups-cache
+	rm -rf mlflow.db mlflow.db.lock optuna.db mlruns outputs

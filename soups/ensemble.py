@@ -1,6 +1,7 @@
 """Ensembles the competition team used, to compare against the soup: soft voting (optionally
-weighted) over probabilities, hard voting over predictions, and the mask layout's per-attribute
-vote. No MLflow here. An ensemble of N models costs N forward passes per image; a soup costs one."""
+weighted) over probabilities, hard voting over predictions, and a per-attribute vote for layouts
+whose labels combine attributes (the mask layout's mask x gender x age). No MLflow here. An
+ensemble of N models costs N forward passes per image; a soup costs one."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 
 from soups import SoupsError
-from soups.data import mask_attributes, mask_label
+from soups.layouts import Attributes
 
 
 def soft_vote(probs: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
@@ -48,19 +49,19 @@ def hard_vote(preds: Sequence[np.ndarray]) -> np.ndarray:
     return out
 
 
-def attribute_vote(preds: Sequence[np.ndarray]) -> np.ndarray:
-    """Mask layout: vote mask, gender and age separately, then recombine into the 18 classes."""
+def attribute_vote(preds: Sequence[np.ndarray], attributes: Attributes) -> np.ndarray:
+    """Vote each attribute separately (mask, gender, age), then recombine them into labels."""
     parts = []
     for p in preds:
         p = np.asarray(p, dtype=np.int64)
-        parts.append({a: np.where(p >= 0, v, -1) for a, v in mask_attributes(np.maximum(p, 0)).items()})
-    votes = {a: hard_vote([p[a] for p in parts]) for a in ("mask", "gender", "age")}
-    label = mask_label(votes["mask"], votes["gender"], votes["age"])
-    return np.where(votes["mask"] >= 0, label, -1)
+        parts.append({a: np.where(p >= 0, v, -1) for a, v in attributes.split(np.maximum(p, 0)).items()})
+    votes = {a: hard_vote([p[a] for p in parts]) for a in attributes.names}
+    label = attributes.join(*(votes[a] for a in attributes.names))
+    return np.where(votes[attributes.names[0]] >= 0, label, -1)
 
 
 VOTES = {
     "soft": "mean of probabilities",
     "hard": "majority of predicted labels",
-    "attributes": "mask layout: majority per attribute (mask, gender, age)",
+    "attributes": "majority per attribute, where labels combine attributes (mask layout: mask, gender, age)",
 }

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from soups import SoupsError, data, plots, tracking
+from soups import SoupsError, data, layouts, plots, tracking
 from soups.evaluate import EvalSet, confusion, default_device, metrics, predict
 from soups.finetune import data_parts
 from soups.models import load_checkpoint
@@ -59,12 +59,10 @@ def score_run(run, given: dict, split: str, sets: dict):
     logits = predict(ckpt.build(), evalset, ckpt.mean, ckpt.std, 2 * recipe.batch_size, default_device())
     scores = metrics(logits, evalset.labels)
     scores.pop("correct")
-    if recipe.layout == "mask":  # the competition's report: error rate of each attribute
-        true, pred = (
-            data.mask_attributes(evalset.labels.numpy()),
-            data.mask_attributes(logits.argmax(1).numpy()),
-        )
-        scores |= {f"{a}_error": float((true[a] != pred[a]).mean()) for a in data.MASK_ATTRIBUTES}
+    attributes = layouts.get(recipe.layout).attributes
+    if attributes is not None:  # the mask competition's report: error rate of each attribute
+        true, pred = attributes.split(evalset.labels.numpy()), attributes.split(logits.argmax(1).numpy())
+        scores |= {f"{a}_error": float((true[a] != pred[a]).mean()) for a in attributes.names}
     gallery = plots.misclassified(
         evalset.images.numpy(), evalset.labels.numpy(), logits.softmax(1).numpy(), ckpt.classes
     )

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from soups import SoupsError, data, tracking
+from soups import SoupsError, data, layouts, tracking
 from soups.augment import pipeline
 from soups.evaluate import EvalSet, default_device
 from soups.losses import objective
@@ -94,10 +94,15 @@ def train_loader(splits: data.Splits, recipe: Recipe) -> tuple[torch.utils.data.
     return loader, skipped
 
 
-def attribute_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Mask layout: val accuracy of each attribute (mask, gender, age) on its own."""
-    true, pred = data.mask_attributes(labels.numpy()), data.mask_attributes(logits.argmax(1).numpy())
-    return {f"val_{a}_accuracy": float((true[a] == pred[a]).mean()) for a in data.MASK_ATTRIBUTES}
+def attribute_accuracy(attributes):
+    """For a layout whose labels combine attributes (mask x gender x age): val accuracy of each
+    attribute on its own, as `val_<attribute>_accuracy`."""
+
+    def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        true, pred = attributes.split(labels.numpy()), attributes.split(logits.argmax(1).numpy())
+        return {f"val_{a}_accuracy": float((true[a] == pred[a]).mean()) for a in attributes.names}
+
+    return scores
 
 
 def train_config(recipe: Recipe) -> TrainConfig:
@@ -317,7 +322,8 @@ def train(
         focal_gamma=recipe.focal_gamma,
         supcon_weight=recipe.supcon_weight,
     )
-    extra = attribute_accuracy if recipe.layout == "mask" else None
+    attributes = layouts.get(recipe.layout).attributes
+    extra = attribute_accuracy(attributes) if attributes is not None else None
     val_set = EvalSet.from_decoded(val, len(classes))
     fit(model, loader, val_set, train_config(recipe), mean, std, default_device(), report, loss, extra)
     with contextlib.suppress(tracking.Unreachable):  # the checkpoint upload says it, in one line

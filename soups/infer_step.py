@@ -14,9 +14,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from soups import SoupsError, data, tracking
+from soups import SoupsError, data, layouts, tracking
 from soups.ensemble import VOTES, attribute_vote, hard_vote, soft_vote
 from soups.evaluate import confusion, default_device, macro_f1
+from soups.layouts import Attributes
 from soups.models import Checkpoint, load_checkpoint
 from soups.predict import Predictor
 from soups.recipe import Recipe, registered_name
@@ -74,12 +75,12 @@ def submission(
     classes: list[str],
     layout: str,
 ) -> pd.DataFrame:
-    """One row per input image, in input order; unreadable images get label -1 (never dropped)."""
+    """One row per input image, in input order; unreadable images get label -1 (never dropped).
+    A layout with its own submission format (the mask competition's) writes that instead."""
     by_key = dict(zip(readable, labels.tolist(), strict=True))
     column = [by_key.get(k, BAD) for k in samples.keys]
-    if layout == "mask":  # the competition's format: ImageID,ans in info.csv order
-        ids = [Path(k).relative_to("eval/images").as_posix() for k in samples.keys]
-        return pd.DataFrame({"ImageID": ids, "ans": column})
+    if (own := layouts.get(layout).submission) is not None:
+        return own(samples, column)
     frame = pd.DataFrame(
         {
             "path": samples.keys,
@@ -132,7 +133,7 @@ def write_atomically(frame: pd.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def vote_on_files(paths: list[str], vote: str) -> pd.DataFrame:
+def vote_on_files(paths: list[str], vote: str, attributes: Attributes | None = None) -> pd.DataFrame:
     """Hard (or per-attribute) vote over predictions.csv files of the same images, best first."""
     frames = []
     for path in paths:
@@ -147,7 +148,7 @@ def vote_on_files(paths: list[str], vote: str) -> pd.DataFrame:
         if frame[key].tolist() != frames[0][key].tolist():
             raise SoupsError(f"{path} lists other images (or another order) than {paths[0]}")
     labels = [frame[label].to_numpy() for frame in frames]
-    voted = attribute_vote(labels) if vote == "attributes" else hard_vote(labels)
+    voted = attribute_vote(labels, attributes) if vote == "attributes" else hard_vote(labels)
     return pd.DataFrame({key: frames[0][key], label: voted})
 
 
@@ -170,13 +171,17 @@ def infer(recipe: Recipe, opts: InferOptions) -> dict:
         raise SoupsError(f"tta={opts.tta!r} must be one of {', '.join(TTA)}")
     if opts.vote not in VOTES:
         raise SoupsError(f"vote={opts.vote!r} must be one of {', '.join(VOTES)}")
-    if opts.vote == "attributes" and recipe.layout != "mask":
-        raise SoupsError("vote=attributes needs the mask layout (mask, gender and age attributes)")
+    attributes = layouts.get(recipe.layout).attributes
+    if opts.vote == "attributes" and attributes is None:
+        having = " or ".join(k for k, v in layouts.LAYOUTS.items() if v.attributes)
+        raise SoupsError(
+            f"vote=attributes needs the {having} layout (labels that combine attributes), not {recipe.layout}"
+        )
     if opts.vote_files:
         if opts.vote == "soft":
             raise SoupsError("vote_files holds labels, not probabilities: use vote=hard or vote=attributes")
         paths = [p.strip() for p in opts.vote_files.split(",") if p.strip()]
-        frame = vote_on_files(paths, opts.vote)
+        frame = vote_on_files(paths, opts.vote, attributes)
         name = f"vote {opts.vote} of {len(paths)} files"
         with tracking.start("inference", recipe.experiment, name=name) as run:
             run.log_params({"vote_files": opts.vote_files, "vote": opts.vote})
@@ -207,7 +212,7 @@ def infer(recipe: Recipe, opts: InferOptions) -> dict:
             {"model_uri": model_uri, "ensemble": opts.ensemble, "tta": opts.tta, "vote": opts.vote}
         )
         main = load_checkpoint(tracking.checkpoint_for(model_uri))
-        samples = data.inference_inputs(recipe, main.classes)
+        samples = layouts.inference_inputs(recipe, main.classes)
         labelled = len(samples) and (samples.labels >= 0).all()
         part = "test" if labelled else "inference"
         run.log_datasets(
@@ -248,7 +253,7 @@ def infer(recipe: Recipe, opts: InferOptions) -> dict:
                 combined = soft_vote(member_probs, weights)
             else:
                 votes = [p.argmax(1).numpy() for p in member_probs]
-                label = hard_vote(votes) if opts.vote == "hard" else attribute_vote(votes)
+                label = hard_vote(votes) if opts.vote == "hard" else attribute_vote(votes, attributes)
                 combined = torch.nn.functional.one_hot(torch.from_numpy(label), len(main.classes)).float()
             results["ensemble"] = score(
                 Prediction(f"{opts.vote} vote of {len(uris)}", combined, total), labels

@@ -234,13 +234,12 @@ def save_checkpoint(ckpt: Checkpoint, path: Path) -> str:
     return sha256(path)
 
 
-def load_checkpoint(path: Path, expect_sha256: str | None = None) -> Checkpoint:
-    """Read a soups checkpoint with `weights_only=True`, checking its sha256 when given."""
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a soups checkpoint with `weights_only=True` (its sha256 is checked where it is
+    downloaded: `tracking.cached_checkpoint`)."""
     path = Path(path)
     if not path.is_file():
         raise SoupsError(f"checkpoint {path} not found")
-    if expect_sha256 and (got := sha256(path)) != expect_sha256:
-        raise SoupsError(f"checkpoint {path} has sha256 {got[:12]}…, expected {expect_sha256[:12]}…")
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -15,8 +15,8 @@ import numpy as np
 import yaml
 
 from soups import SoupsError
+from soups.layouts import LAYOUTS
 
-LAYOUTS = ("fashion-mnist", "imagefolder", "mask")
 START_MODES = ("finetune", "probe")
 
 
@@ -30,7 +30,11 @@ class Recipe:
 
     experiment: str = _f("soups", "MLflow experiment for runs started outside `mlflow run`.")
     data: str = _f("", "Dataset root folder.")
-    layout: str = _f("imagefolder", f"Dataset layout: {', '.join(LAYOUTS)}.", choices=LAYOUTS)
+    layout: str = _f(
+        "imagefolder",
+        "Dataset layout: " + "; ".join(f"{k} ({v.help})" for k, v in LAYOUTS.items()) + ".",
+        choices=tuple(LAYOUTS),
+    )
     model: str = _f("tf_efficientnet_lite0", "Any timm model name; its head is reset.")
     pretrained: str = _f(
         "none",

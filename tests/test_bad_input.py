@@ -13,6 +13,8 @@ import torch
 from soups.models import create_model
 from tests.conftest import ROOT, TINY, make_imagefolder, write_recipe
 
+pytestmark = pytest.mark.slow  # real processes: servers, `mlflow run`, workers
+
 
 def copy_of(mask_root, tmp_path):
     root = tmp_path / "data"
@@ -110,7 +112,7 @@ def test_missing_info_csv_is_named_by_infer(tmp_path, tracking_uri, mask_root):
     """infer without eval/info.csv: exit 1, one line naming the file."""
     root = copy_of(mask_root, tmp_path)
     ckpt = tmp_path / "model.pt"
-    from soups.data import mask_classes
+    from soups.layouts.mask import mask_classes
     from soups.models import Checkpoint, save_checkpoint
 
     model = create_model("test_efficientnet", 18)
@@ -140,7 +142,7 @@ def test_missing_info_csv_is_named_by_infer(tmp_path, tracking_uri, mask_root):
 def test_info_csv_paths_cannot_escape_the_dataset(tmp_path):
     """An ImageID of ../../etc/passwd is refused."""
     from soups import SoupsError
-    from soups.data import mask_eval
+    from soups.layouts.mask import mask_eval
 
     (tmp_path / "eval" / "images").mkdir(parents=True)
     (tmp_path / "eval" / "info.csv").write_text("ImageID,ans\n../../etc/passwd,0\n")

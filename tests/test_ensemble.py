@@ -3,8 +3,11 @@ import pytest
 import torch
 
 from soups import SoupsError
-from soups.data import mask_label
 from soups.ensemble import attribute_vote, hard_vote, soft_vote
+from soups.layouts import get
+from soups.layouts.mask import mask_label
+
+MASK = get("mask").attributes
 
 
 def test_soft_vote_is_the_mean_of_probabilities():
@@ -36,7 +39,7 @@ def test_attribute_vote_votes_mask_gender_and_age_separately():
     m2 = np.array([mask_label(2, 1, 0)])  # not worn, female, young
     m3 = np.array([mask_label(0, 0, 0)])  # worn, male, young
     assert hard_vote([m1, m2, m3]).tolist() == m1.tolist(), "three different classes: the best member's"
-    assert attribute_vote([m1, m2, m3]).tolist() == [mask_label(0, 1, 0)]
+    assert attribute_vote([m1, m2, m3], MASK).tolist() == [mask_label(0, 1, 0)]
 
 
 def test_an_empty_ensemble_is_refused():
@@ -52,7 +55,8 @@ def test_unreadable_marks_abstain():
         5,
         -1,
     ]
-    assert attribute_vote([np.array([-1]), np.array([mask_label(1, 0, 2)])]).tolist() == [mask_label(1, 0, 2)]
+    voted = attribute_vote([np.array([-1]), np.array([mask_label(1, 0, 2)])], MASK)
+    assert voted.tolist() == [mask_label(1, 0, 2)]
 
 
 def test_voting_over_prediction_files(tmp_path):

@@ -8,9 +8,12 @@ import sys
 import time
 
 import mlflow
+import pytest
 
 from soups.models import load_checkpoint, sha256
 from tests.conftest import ROOT, TINY, mlflow_server, write_recipe
+
+pytestmark = pytest.mark.slow  # real processes: servers, `mlflow run`, workers
 
 
 def start_finetune(recipe, uri, cwd, **env):

@@ -9,9 +9,12 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from soups.data import make_splits, read_layout
+from soups.data import make_splits
+from soups.layouts import read_layout
 from soups.models import load_checkpoint, sha256
 from tests.conftest import ROOT, TINY, write_recipe
+
+pytestmark = pytest.mark.slow  # real processes: servers, `mlflow run`, workers
 
 VENV_BIN = str(Path(sys.executable).parent)
 

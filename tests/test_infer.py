@@ -19,6 +19,8 @@ from soups import tracking
 from soups.models import Checkpoint, create_model, save_checkpoint
 from tests.conftest import ROOT, free_port, make_mask_dataset, wait_until_up, write_image, write_recipe
 
+pytestmark = pytest.mark.slow  # real processes: servers, `mlflow run`, workers
+
 BIN = Path(sys.executable).parent
 
 
@@ -44,7 +46,7 @@ def store(tmp_path_factory):
     os.environ.pop("MLFLOW_RUN_ID", None)
     try:
         data = make_mask_dataset(work / "mask", persons=3)
-        from soups.data import mask_classes
+        from soups.layouts.mask import mask_classes
 
         (work / "ckpt").mkdir()
         ckpt = tiny_checkpoint(work / "ckpt" / "model.pt", mask_classes(), seed=0)

@@ -13,6 +13,8 @@ import pytest
 from soups.models import load_checkpoint
 from tests.conftest import ROOT, TINY, mlflow_server, write_recipe
 
+pytestmark = pytest.mark.slow  # real processes: servers, `mlflow run`, workers
+
 PROCESSES = int(os.environ.get("SOUPS_LOAD_PROCESSES", "4"))
 
 

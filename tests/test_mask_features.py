@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from soups import SoupsError, tracking
-from soups.data import make_splits, read_layout, read_relabel
+from soups import SoupsError, layouts, tracking
+from soups.data import make_splits
 from soups.finetune import attribute_accuracy, finetune, oversampled_classes, train_loader
+from soups.layouts import read_layout
+from soups.layouts.mask import read_relabel
 from soups.losses import CrossEntropy, Focal, SupConPlusCE, supcon
 from soups.models import create_model
 from soups.recipe import Recipe, load_recipe
@@ -189,17 +191,18 @@ def test_every_loss_trains_and_leaves_checkpoints_plain(tmp_path, tracking_uri, 
 
 
 def test_attribute_accuracy_reads_each_attribute():
-    from soups.data import mask_label
+    from soups.layouts.mask import mask_label
 
     labels = torch.tensor([mask_label(0, 0, 0), mask_label(1, 1, 2)])
     logits = torch.nn.functional.one_hot(torch.tensor([mask_label(0, 1, 0), mask_label(2, 1, 2)]), 18).float()
-    assert attribute_accuracy(logits, labels) == {
+    assert attribute_accuracy(layouts.get("mask").attributes)(logits, labels) == {
         "val_mask_accuracy": 0.5,
         "val_gender_accuracy": 0.5,
         "val_age_accuracy": 1.0,
     }
 
 
+@pytest.mark.slow
 def test_greedy_soup_selects_on_val_only(tmp_path, tracking_uri, mask_root, monkeypatch):
     """Record every scoring call: all that can change the picks reads val; test only after."""
     from soups import soup_step
@@ -252,6 +255,7 @@ def test_greedy_soup_selects_on_val_only(tmp_path, tracking_uri, mask_root, monk
     assert report.chosen.test_accuracy is not None
 
 
+@pytest.mark.slow
 def test_bn_recalibration_reads_training_images_only_and_the_shipped_soup_scores_as_logged(
     tmp_path, tracking_uri, mask_root, monkeypatch
 ):

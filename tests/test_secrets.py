@@ -13,6 +13,8 @@ from mlflow.entities import ViewType
 from soups import SoupsError, tracking
 from tests.conftest import ROOT, TINY, mlflow_server, postgres_server, write_recipe
 
+pytestmark = pytest.mark.slow  # real processes: servers, `mlflow run`, workers
+
 BIN = Path(sys.executable).parent
 SECRET = "s3cr@t:pa/ss"  # an @, a : and a / that a careless mask lets through
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from soups import SoupsError
-from soups.data import decode, make_splits, read_layout
+from soups.data import decode, make_splits
 from soups.evaluate import EvalSet, Scorer
+from soups.layouts import read_layout
 from soups.models import create_model, normalisation
 from soups.soup import METHODS, Candidate, Kitchen, RunningAverage, greedy_soup, uniform_soup
 from tests.conftest import make_imagefolder
@@ -215,6 +216,7 @@ def test_bn_recalibration_recomputes_running_statistics(trained):
     assert torch.equal(scorer.model.state_dict()["bn1.running_mean"], state["bn1.running_mean"])
 
 
+@pytest.mark.slow
 def test_soup_memory_is_flat_in_the_number_of_candidates(trained):
     """Count tensors alive while each candidate soup is scored: no more with 12 candidates than with 3."""
     model, val, _, mean, std = trained

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from soups import SoupsError
-from soups.data import decode, make_splits, model_input, read_layout
+from soups.data import decode, make_splits, model_input
 from soups.evaluate import EvalSet, Scorer
+from soups.layouts import read_layout
 from soups.models import create_model, normalisation
 from soups.soup import METHODS, Candidate, Kitchen
 from soups.soup.learned import load_all
@@ -95,6 +96,7 @@ def test_a_method_that_needs_the_start_says_so(sweep, name):
         METHODS[name](Kitchen(cands(sweep["members"]), scorer_of(sweep)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [m.name for m in METHODS.values() if m.streams])
 def test_streaming_methods_hold_a_flat_number_of_tensors(sweep, name):
     """Tensors alive while each soup is scored: no more with 12 candidates than with 3."""

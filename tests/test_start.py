@@ -39,6 +39,7 @@ def checkpoint(run):
     return load_checkpoint(tracking.cached_checkpoint(run)[0])
 
 
+@pytest.mark.slow
 def test_members_start_from_every_weight_of_the_start_run(recipe_path, tracking_uri, tmp_path, monkeypatch):
     monkeypatch.setenv("SOUPS_CACHE", str(tmp_path / "cache"))
     start_id = make_start(load_recipe(recipe_path))
@@ -66,6 +67,7 @@ def test_members_start_from_every_weight_of_the_start_run(recipe_path, tracking_
     assert explicit.data.tags[tracking.START] == weights_digest(weights)
 
 
+@pytest.mark.slow
 def test_start_auto_without_a_start_run_is_one_line_and_leaves_no_run_running(recipe_path, tracking_uri):
     env = {"MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{sys.executable.rsplit('/', 1)[0]}:/usr/bin:/bin"}
     out = subprocess.run(
@@ -126,6 +128,7 @@ def test_load_start_is_strict_and_names_the_first_difference():
         load_start(model, partial, "x.pt")
 
 
+@pytest.mark.slow
 def test_greedy_soup_never_mixes_starts(recipe_path, tracking_uri, tmp_path, monkeypatch):
     monkeypatch.setenv("SOUPS_CACHE", str(tmp_path / "cache"))
     make_start(load_recipe(recipe_path))
@@ -152,6 +155,7 @@ def test_greedy_soup_never_mixes_starts(recipe_path, tracking_uri, tmp_path, mon
     assert "incompatible: started from" in logged.set_index("run_id").loc[loner, "reason"]
 
 
+@pytest.mark.slow
 def test_a_missing_start_checkpoint_fails_the_soup_by_name_and_registers_nothing(
     recipe_path, tracking_uri, tmp_path, monkeypatch
 ):
@@ -180,6 +184,7 @@ def test_a_missing_start_checkpoint_fails_the_soup_by_name_and_registers_nothing
     assert stock.result is None and f"start run {start_id}" in stock.error
 
 
+@pytest.mark.slow
 def test_a_sweep_resolves_start_auto_once_for_every_trial(recipe_path, tracking_uri, tmp_path, monkeypatch):
     """A start made while the sweep runs never splits its trials between two starts."""
     from soups import sweep_step

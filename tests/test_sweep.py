@@ -14,6 +14,8 @@ from soups.recipe import draw, load_recipe
 from soups.sweep_step import DrawSampler, distributions, suggest
 from tests.conftest import ROOT, TINY, mlflow_server, postgres_server, write_recipe
 
+pytestmark = pytest.mark.slow  # real processes: servers, `mlflow run`, workers
+
 BIN = Path(sys.executable).parent
 SPACE = {
     "lr": {"log_uniform": [1e-3, 1e-2]},

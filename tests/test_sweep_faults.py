@@ -14,6 +14,8 @@ import yaml
 from soups import tracking
 from tests.conftest import ROOT, TINY, write_recipe
 
+pytestmark = pytest.mark.slow  # real processes: servers, `mlflow run`, workers
+
 SPACE = {"lr": {"log_uniform": [1e-3, 1e-2]}, "seed": {"int": [0, 1000]}}
 
 

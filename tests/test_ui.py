@@ -18,6 +18,8 @@ from soups.recipe import load_recipe
 from soups.soup_step import SoupOptions, make_soup
 from tests.conftest import TINY, mlflow_server, write_recipe
 
+pytestmark = pytest.mark.slow  # real processes: servers, `mlflow run`, workers
+
 NOTE = "mlflow.note.content"
 
 

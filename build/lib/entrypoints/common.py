@@ -1,0 +1,73 @@
+"""What every entry point shares: the recipe options and turning a user's mistake into one line."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from soups import SoupsError
+from soups.recipe import OPTION_FIELDS
+from soups.soup import all_params
+
+DEFAULT_RECIPE = "configs/demo.yaml"
+
+_TYPES = {bool: click.BOOL, int: click.INT, float: click.FLOAT, str: click.STRING}
+
+
+def recipe_options(*names: str) -> Callable[[Callable], Callable]:
+    """Add `--recipe` and one option per recipe field (all, or those named), named as in the
+    recipe and in MLflow's `-P key=value`, which `mlflow run` appends as `--key value`. Options
+    left out keep the recipe's value."""
+    return lambda command: _add_recipe_options(command, names)
+
+
+def _add_recipe_options(command: Callable, names: tuple[str, ...]) -> Callable:
+    for f in reversed([f for f in OPTION_FIELDS if not names or f.name in names]):
+        kind = _TYPES[type(f.default)]
+        choices = f.metadata.get("choices")
+        command = click.option(
+            f"--{f.name}",
+            type=click.Choice(choices) if choices else kind,
+            default=None,
+            help=f"{f.metadata['help']} [built-in: {f.default!r}; the recipe may set it]",
+        )(command)
+    return click.option(
+        "--recipe",
+        default=DEFAULT_RECIPE,
+        show_default=True,
+        type=click.Path(dir_okay=False),
+        help="Recipe YAML: dataset, model, pretrained weights and the sweep's search space.",
+    )(command)
+
+
+def method_options() -> Callable[[Callable], Callable]:
+    """One option per parameter of every registered soup method, declared once in its file."""
+
+    def add(command: Callable) -> Callable:
+        for p in reversed(all_params()):
+            kind = click.Choice(p.choices) if p.choices else _TYPES[type(p.default)]
+            command = click.option(
+                f"--{p.name}", type=kind, default=None, help=f"{p.help} [default: {p.default}]"
+            )(command)
+        return command
+
+    return add
+
+
+def given(values: dict[str, Any]) -> dict[str, Any]:
+    """The options the user actually passed."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def run_cli(step: Callable[[], Any]) -> Any:
+    """Run a step; a SoupsError becomes `Error: <one line>` and exit code 1, never a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("mlflow", "alembic", "urllib3", "timm"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return step()
+    except SoupsError as e:
+        raise click.ClickException(" ".join(str(e).split())) from None

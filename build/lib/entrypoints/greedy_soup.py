@@ -1,0 +1,111 @@
+"""mlflow run . -e greedy_soup --env-manager local"""
+
+import click
+
+from entrypoints.common import given, method_options, recipe_options, run_cli
+from soups.recipe import load_recipe
+from soups.soup import METHODS, all_params
+from soups.soup_step import BN_MODES, SoupOptions, make_soup
+
+METHOD_HELP = "; ".join(
+    f"{m.name}: {m.summary}" + (" (needs the ingredients' shared start)" if m.needs_start else "")
+    for m in METHODS.values()
+)
+
+
+@click.command(
+    help="Average the finished ingredient runs of an experiment into a soup, ranked by val_accuracy "
+    "on the tracking server; log it as a soup run and register it (alias champion when it wins). "
+    "The held-out split is rebuilt from the top run's params; -P data=... if its data moved."
+)
+@recipe_options("experiment", "data", "layout", "workers", "registered_model")
+@click.option(
+    "--method", type=click.Choice(list(METHODS)), default="greedy", show_default=True, help=METHOD_HELP
+)
+@click.option(
+    "--compare",
+    default="",
+    help="Other methods to cook and report beside it (not registered): comma-separated, or `all`. "
+    "The uniform soup is always reported.",
+)
+@method_options()
+@click.option(
+    "--bn_recalibrate",
+    type=click.Choice(BN_MODES),
+    default="auto",
+    show_default=True,
+    help="Recompute BatchNorm statistics of averaged weights on training images "
+    "(auto: when the model has BatchNorm).",
+)
+@click.option(
+    "--bn_images",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="Training images used to recompute BatchNorm statistics (0: all).",
+)
+@click.option(
+    "--max_candidates",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Consider at most this many top-ranked runs (0: all).",
+)
+@click.option(
+    "--filter", "filter_", default="", help="Extra MLflow search clause, e.g. \"params.model = 'x'\"."
+)
+@click.option("--parent", default="", help="Only the child runs of this (sweep) run id.")
+@click.option(
+    "--source", default="", help="Experiment to take ingredients from (default: the soup run's own)."
+)
+def main(
+    recipe, method, compare, bn_recalibrate, bn_images, max_candidates, filter_, parent, source, **options
+):
+    method_params = {p.name: options.pop(p.name) for p in all_params()}
+    opts = SoupOptions(
+        method, compare, method_params, bn_recalibrate, bn_images, max_candidates, filter_, parent, source
+    )
+    data_options = given({k: options[k] for k in ("data", "layout")})
+    cfg = run_cli(lambda: load_recipe(recipe, given(options)))
+    report = run_cli(lambda: make_soup(cfg, data_options, opts))
+    click.echo(soup_table(report))
+
+
+def soup_table(report) -> str:
+    """The ingredients, then best single and every soup side by side: val, test, ingredients kept."""
+    import pandas as pd
+
+    with pd.option_context(
+        "display.width", 200, "display.max_colwidth", 60, "display.float_format", "{:.4f}".format
+    ):
+        lines = [report.table.drop(columns=["soup_val_accuracy"]).to_string(index=False), ""]
+    lines.append(f"{'':<22}{'val':>9}{'test':>9}  ingredients")
+    lines.append(f"{'best ingredient':<22}{pct(report.best_val_accuracy)}{pct(report.best_test_accuracy)}  1")
+    for dish in report.dishes:
+        name = f"{dish.method} soup" + (" (registered)" if dish is report.chosen else "")
+        if dish.result is None:
+            lines.append(f"{name:<22}{'-':>9}{'-':>9}  not made: {dish.error}")
+            continue
+        note = (
+            f"  (val on the {dish.result.held_out} images not fitted on)" if dish.method == "learned" else ""
+        )
+        lines.append(
+            f"{name:<22}{pct(dish.val_accuracy)}{pct(dish.test_accuracy)}  {dish.n_ingredients}{note}"
+        )
+    kept = f"{report.chosen.n_ingredients} of {report.n_usable} usable ingredients"
+    lines.append(
+        f"\n{kept} in the {report.method} soup; "
+        f"held-out images scored {report.images_scored} (full evaluations of each usable ingredient: "
+        f"{report.images_full}), training images forwarded to recompute BatchNorm statistics "
+        f"{report.recalibration_images}\n"
+        f"soup run {report.run_id}; {report.registry}"
+    )
+    return "\n".join(lines)
+
+
+def pct(x: float | None) -> str:
+    return f"{'-':>9}" if x is None else f"{100 * x:8.2f}%"
+
+
+if __name__ == "__main__":
+    main()

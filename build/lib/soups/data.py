@@ -1,0 +1,313 @@
+"""Samples, the deterministic held-out split and its fingerprint, decoding and loaders.
+
+A layout (`soups.layouts`) turns a folder into `Samples` (keys, labels, groups); `make_splits`
+cuts them into train / val / test as a pure function of the data and `split_seed`, never splitting
+a group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+
+from soups import SoupsError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Images of one dataset part. `keys` identify each image stably (a path relative to `root`,
+    or `<file>:<row>` for array datasets); `groups` keep related images in the same split."""
+
+    keys: list[str]
+    labels: np.ndarray
+    groups: list[str]
+    classes: list[str]
+    root: Path
+    pixels: np.ndarray | None = None  # in-memory images (IDX files), indexed by `rows`
+    rows: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def subset(self, idx: Sequence[int] | np.ndarray) -> Samples:
+        idx = np.asarray(idx, dtype=np.int64)
+        return replace(
+            self,
+            keys=[self.keys[j] for j in idx],
+            labels=self.labels[idx],
+            groups=[self.groups[j] for j in idx],
+            rows=None if self.rows is None else self.rows[idx],
+        )
+
+    def path(self, j: int) -> Path:
+        return self.root / self.keys[j]
+
+    def read(self, j: int) -> Image.Image:
+        """Decode image j as RGB, or raise SoupsError naming the file."""
+        if self.pixels is not None:
+            return Image.fromarray(self.pixels[self.rows[j]]).convert("RGB")
+        path = self.path(j)
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")  # convert() forces a full decode: truncation shows here
+        except Exception as e:  # PIL raises several types for corrupt files
+            raise SoupsError(f"cannot read image {path}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: Samples
+    val: Samples
+    test: Samples
+    fingerprint: str  # of the held-out file lists: ingredients of one soup must share it
+    relabelled: tuple = ()  # (key, old label, new label) of every corrected image
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTS and not any(s.startswith(".") for s in p.parts) and p.is_file()
+    )
+
+
+def class_folders(folder: Path, base: Path, classes: list[str] | None = None) -> Samples:
+    """Images under `folder/<class>/`, keyed by their path relative to `base`."""
+    found = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise SoupsError(f"no class folders in {folder} (imagefolder layout: <root>/<class>/<image>)")
+    classes = classes or found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise SoupsError(f"{folder} has class folders {unknown} that the training classes lack")
+    keys, labels = [], []
+    for name in found:
+        images = _images_under(folder / name)
+        if not images:
+            raise SoupsError(f"class folder {folder / name} has no images ({', '.join(sorted(IMAGE_EXTS))})")
+        keys += [str(p.relative_to(base)) for p in images]
+        labels += [classes.index(name)] * len(images)
+    return Samples(keys, np.asarray(labels, dtype=np.int64), list(keys), classes, base)
+
+
+def inside(root: Path, relative: str, what: str) -> Path:
+    """`root / relative`, refusing paths that escape `root` (`..`, absolute paths, symlinks out)."""
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise SoupsError(f"{what}: path {relative!r} points outside the dataset root {root}")
+    return path
+
+
+def data_root(data: str | Path) -> Path:
+    root = Path(data).expanduser()
+    if not str(data) or not root.is_dir():
+        raise SoupsError(f"data folder {str(data)!r} not found (set `data` to the dataset root)")
+    return root
+
+
+def unlabelled(root: Path, classes: list[str]) -> Samples:
+    """Every image under `root`; labelled (by its first folder) only when every image sits in a
+    folder named after one of `classes`."""
+    paths = _images_under(root)
+    if not paths:
+        raise SoupsError(f"no images under {root} ({', '.join(sorted(IMAGE_EXTS))})")
+    keys = [str(p.relative_to(root)) for p in paths]
+    tops = [Path(k).parts[0] if len(Path(k).parts) > 1 else None for k in keys]
+    labelled = all(t in classes for t in tops)
+    labels = [classes.index(t) if labelled else -1 for t in tops]
+    return Samples(keys, np.asarray(labels, np.int64), keys, list(classes), root)
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits
+
+
+def _cap(samples: Samples, n: int, seed: int) -> Samples:
+    if not n or len(samples) <= n:
+        return samples
+    return samples.subset(np.sort(np.random.default_rng(seed).choice(len(samples), n, replace=False)))
+
+
+def digest(samples: Samples) -> str:
+    """Of one part's images and labels: changes exactly when they do (an MLflow dataset digest)."""
+    lines = sorted(f"{k}\t{y}" for k, y in zip(samples.keys, samples.labels.tolist(), strict=True))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def data_name(data: str | Path) -> str:
+    """A short name for a dataset: its folder's name (`/usr/share/datasets/fashion-mnist` ->
+    `fashion-mnist`), lower case, with anything but letters, digits, - and _ made a -."""
+    name = Path(str(data).rstrip("/")).name or "data"
+    return re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-") or "data"
+
+
+def fingerprint(val: Samples, test: Samples) -> str:
+    """What makes two runs' held-out scores comparable: the class names and every val and test
+    image with its label (a relabel list or other age bins change it, so their runs never share a
+    soup or a champion comparison)."""
+    h = hashlib.sha256()
+    for name, part in (
+        ("classes", list(val.classes)),
+        ("val", sorted(f"{k}\t{y}" for k, y in zip(val.keys, val.labels.tolist(), strict=True))),
+        ("test", sorted(f"{k}\t{y}" for k, y in zip(test.keys, test.labels.tolist(), strict=True))),
+    ):
+        h.update(("\n".join([name, *part]) + "\n").encode())
+    return h.hexdigest()[:16]
+
+
+def make_splits(
+    parts: dict[str, Samples | None],
+    val_ratio: float,
+    test_ratio: float,
+    split_seed: int,
+    max_train: int = 0,
+    max_val: int = 0,
+    max_test: int = 0,
+) -> Splits:
+    """Cut missing val / test splits from the pool by group; cap sizes; all a pure function of the
+    inputs. The pool's groups are shuffled with `split_seed`, never its images, so a group's
+    images always land together."""
+    for name, ratio in (("val_ratio", val_ratio), ("test_ratio", test_ratio)):
+        if not 0 <= ratio < 1:
+            raise SoupsError(f"{name}={ratio} must be in [0, 1)")
+    pool = parts["pool"]
+    groups = sorted(set(pool.groups))
+    order = [groups[k] for k in np.random.default_rng(split_seed).permutation(len(groups))]
+    n_test = 0 if parts["test"] is not None else max(int(round(test_ratio * len(groups))), test_ratio > 0)
+    n_val = 0 if parts["val"] is not None else max(int(round(val_ratio * len(groups))), val_ratio > 0)
+    where = {g: "test" for g in order[:n_test]} | {g: "val" for g in order[n_test : n_test + n_val]}
+    cut = {
+        name: pool.subset([j for j, g in enumerate(pool.groups) if where.get(g, "train") == name])
+        for name in ("train", "val", "test")
+    }
+    train = cut["train"]
+    val = parts["val"] if parts["val"] is not None else cut["val"]
+    test = parts["test"] if parts["test"] is not None else cut["test"]
+    if not len(train) or not len(val):
+        raise SoupsError(
+            f"{pool.root}: {len(groups)} groups leave {len(train)} training and {len(val)} validation "
+            "images; add data or change val_ratio / test_ratio"
+        )
+    train = _cap(train, max_train, split_seed)
+    val = _cap(val, max_val, split_seed + 1)
+    test = _cap(test, max_test, split_seed + 2)
+    return Splits(train, val, test, fingerprint(val, test), tuple(parts.get("relabelled", ())))
+
+
+def load_splits(recipe) -> Splits:
+    from soups import layouts  # the layouts build on this module
+
+    options = {k: getattr(recipe, k) for k in layouts.option_names()}
+    parts = layouts.read_layout(recipe.layout, recipe.data, **options)
+    return make_splits(
+        parts,
+        recipe.val_ratio,
+        recipe.test_ratio,
+        recipe.split_seed,
+        recipe.max_train,
+        recipe.max_val,
+        recipe.max_test,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding, caching and loading
+
+
+def resized(img: Image.Image, size: int) -> np.ndarray:
+    """Resize the shorter side to `size` and crop the centre square: HxWx3 uint8."""
+    return np.array(ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR))
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """Images decoded and resized once, kept in memory: later epochs and every model scored on
+    them skip decoding."""
+
+    pixels: np.ndarray  # N x S x S x 3 uint8
+    labels: np.ndarray
+    keys: list[str]
+    skipped: list[str]  # keys of unreadable images left out (skip_bad)
+
+    def subset(self, idx) -> Decoded:
+        idx = np.asarray(idx, dtype=np.int64)
+        return Decoded(self.pixels[idx], self.labels[idx], [self.keys[j] for j in idx], [])
+
+
+def decode(
+    samples: Samples, size: int, workers: int = 2, skip_bad: bool = False, desc: str = "decode"
+) -> Decoded:
+    """Decode every image of `samples` at `size` (threads: PIL releases the GIL while decoding)."""
+
+    def one(j: int) -> np.ndarray | None:
+        try:
+            return resized(samples.read(j), size)
+        except SoupsError:
+            if skip_bad:
+                return None
+            raise
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        images = list(
+            tqdm(
+                pool.map(one, range(len(samples))),
+                total=len(samples),
+                desc=desc,
+                unit="img",
+                leave=False,
+                mininterval=1.0,
+            )
+        )
+    kept = [j for j, im in enumerate(images) if im is not None]
+    pixels = np.stack([images[j] for j in kept]) if kept else np.zeros((0, size, size, 3), np.uint8)
+    return Decoded(
+        pixels,
+        samples.labels[kept],
+        [samples.keys[j] for j in kept],
+        [samples.keys[j] for j, im in enumerate(images) if im is None],
+    )
+
+
+def fits_in_memory(samples: Samples, size: int, cache_mb: int) -> bool:
+    return len(samples) * size * size * 3 <= cache_mb * 2**20
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(uint8 HxWx3 tensor, label) pairs, from decoded images or decoding on the fly."""
+
+    def __init__(self, source: Decoded | Samples, size: int, transform=None):
+        self.source, self.size, self.transform = source, size, transform
+
+    def __len__(self) -> int:
+        return len(self.source.labels)
+
+    def __getitem__(self, j: int):
+        if isinstance(self.source, Decoded):
+            img = self.source.pixels[j]
+        else:
+            img = resized(self.source.read(j), self.size)
+        if self.transform is not None:
+            img = self.transform(image=img)["image"]
+        return torch.from_numpy(np.ascontiguousarray(img)), int(self.source.labels[j])
+
+
+def model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 NxHxWx3 -> normalised float Nx3xHxW, the same for training, evaluation and inference."""
+    x = images.permute(0, 3, 1, 2).float().div_(255)
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return x.sub_(mean_t).div_(std_t)

@@ -1,0 +1,31 @@
+"""Soup methods over state dicts, one small file each, in one registry. No MLflow here.
+
+Adding a method: a file here that decorates its `cook(kitchen, **params)` with `@register(...)`,
+one import line below, and it is an option of the soup step, a param of its run and a row of
+its table (tests/test_soup_methods.py runs every registered method on tiny timm models)."""
+
+from soups.soup import greedy, learned, model_stock, uniform, wise_ft  # noqa: F401  (each registers itself)
+from soups.soup.core import Candidate, RunningAverage, Score, SoupResult, StateDict, Step
+from soups.soup.greedy import TIE_RULES, greedy_soup
+from soups.soup.registry import METHODS, HeldOut, Kitchen, Param, SoupMethod, all_params, method, register
+from soups.soup.uniform import uniform_soup
+
+__all__ = [
+    "METHODS",
+    "TIE_RULES",
+    "Candidate",
+    "HeldOut",
+    "Kitchen",
+    "Param",
+    "RunningAverage",
+    "Score",
+    "SoupMethod",
+    "SoupResult",
+    "StateDict",
+    "Step",
+    "all_params",
+    "greedy_soup",
+    "method",
+    "register",
+    "uniform_soup",
+]

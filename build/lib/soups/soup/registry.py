@@ -1,0 +1,109 @@
+"""The soup-method registry: each method is one small file that declares its name, its parameters
+with defaults, what it needs and the paper it implements, and registers one `cook` function
+(mergekit's merge methods, timm's `@register_model`). The soup step, its command-line options,
+its MLflow params and its plots are generated from these declarations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from soups import SoupsError
+from soups.soup.core import Candidate, SoupResult, StateDict
+
+
+class HeldOut(Protocol):
+    """Scores state dicts on the held-out (val) set: `evaluate.Scorer` is the real one."""
+
+    size: int
+
+    def correct(
+        self, state: StateDict, max_errors: int | None = None, averaged: bool = True
+    ) -> int | None: ...
+
+
+@dataclass
+class Kitchen:
+    """What a soup method cooks with: ranked candidates (best first, loaded lazily, one at a time),
+    the held-out scorer, and the sweep's shared starting weights for the methods that need them."""
+
+    candidates: Iterable[Candidate]
+    scorer: HeldOut
+    start: Callable[[], StateDict] | None = None
+
+    def start_weights(self, method: str) -> StateDict:
+        if self.start is None:
+            raise SoupsError(f"method {method} needs the ingredients' starting weights, and none were given")
+        return self.start()
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a soup method: an option of the soup step and a param of its run."""
+
+    name: str
+    default: Any
+    help: str
+    choices: tuple | None = None
+
+    def coerce(self, value: Any) -> Any:
+        kind = type(self.default)
+        try:
+            out = kind(value) if not isinstance(value, kind) else value
+        except (TypeError, ValueError):
+            raise SoupsError(f"{self.name}={value!r} must be a {kind.__name__}") from None
+        if self.choices and out not in self.choices:
+            raise SoupsError(f"{self.name}={out!r} must be one of {', '.join(map(str, self.choices))}")
+        return out
+
+
+@dataclass(frozen=True)
+class SoupMethod:
+    name: str
+    cook: Callable[..., SoupResult]  # cook(kitchen, **params) -> SoupResult
+    summary: str  # one line for --help
+    paper: str  # what it implements, with a link
+    params: tuple[Param, ...] = ()
+    needs_start: bool = False  # the shared starting weights (model stock, WiSE-FT)
+    streams: bool = True  # O(1) state dicts in the number of candidates; False: holds them all
+    curve_x: str = "candidates considered (rank by val accuracy)"  # x of the method's curve
+
+    def resolve(self, given: dict[str, Any]) -> dict[str, Any]:
+        """This method's parameters: the given values (coerced and checked), else the defaults."""
+        return {
+            p.name: p.coerce(given[p.name]) if given.get(p.name) is not None else p.default
+            for p in self.params
+        }
+
+    def __call__(self, kitchen: Kitchen, **params: Any) -> SoupResult:
+        return self.cook(kitchen, **self.resolve(params))
+
+
+METHODS: dict[str, SoupMethod] = {}
+
+
+def register(name: str, summary: str, paper: str, **declared: Any) -> Callable:
+    """Decorator: `@register("greedy", "...", "Wortsman et al. 2022 ...", params=(...))`."""
+
+    def add(cook: Callable[..., SoupResult]) -> Callable[..., SoupResult]:
+        if name in METHODS:
+            raise ValueError(f"soup method {name!r} registered twice")
+        names = [p.name for m in METHODS.values() for p in m.params]
+        clash = [p.name for p in declared.get("params", ()) if p.name in names]
+        if clash:  # every parameter is also a command-line option: names are global
+            raise ValueError(f"soup method {name!r}: parameter {clash[0]} is another method's")
+        METHODS[name] = SoupMethod(name, cook, summary, paper, **declared)
+        return cook
+
+    return add
+
+
+def method(name: str) -> SoupMethod:
+    if name not in METHODS:
+        raise SoupsError(f"method={name!r} must be one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def all_params() -> list[Param]:
+    return [p for m in METHODS.values() for p in m.params]

@@ -1,0 +1,94 @@
+"""Dataset layouts as a registry: one small file per layout declares everything the rest of soups
+asks of one, so that no other module branches on a layout's name.
+
+A layout reads a folder into parts (`pool`, and `val` / `test` where the data fixes them) of
+`data.Samples`; `data.make_splits` cuts the rest as a pure function of the data and `split_seed`,
+never splitting a group. Adding one: a file here that calls `register(Layout(...))`, its import
+below, and a test (tests/test_layouts.py runs every registered layout through the same contract).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from soups import SoupsError
+from soups.data import Samples, data_root, unlabelled
+
+
+@dataclass(frozen=True)
+class Attributes:
+    """Labels that combine several attributes (the mask layout: mask x gender x age). Steps score
+    each attribute on its own and `vote=attributes` votes each separately."""
+
+    names: tuple[str, ...]
+    split: Callable[[np.ndarray], dict[str, np.ndarray]]  # labels -> {attribute: values}
+    join: Callable[..., np.ndarray]  # values of each attribute, in `names` order -> labels
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    help: str  # one line: the folder structure it reads
+    read: Callable[..., dict]  # (root, **options) -> {"pool": Samples, "val": ..., "test": ...}
+    # What `infer` predicts when given the dataset root: by default every image under it.
+    inputs: Callable[[Path, list[str], object], Samples] = lambda root, classes, recipe: unlabelled(
+        root, classes
+    )
+    attributes: Attributes | None = None
+    # The layout's own submission format (one row per image in input order), else soups' CSV.
+    submission: Callable[[Samples, list[int]], pd.DataFrame] | None = None
+
+    @property
+    def options(self) -> dict[str, object]:
+        """Recipe fields this layout reads, with their defaults (the reader's keyword arguments)."""
+        params = list(inspect.signature(self.read).parameters.values())[1:]
+        return {p.name: p.default for p in params}
+
+
+LAYOUTS: dict[str, Layout] = {}
+
+
+def register(layout: Layout) -> Layout:
+    LAYOUTS[layout.name] = layout
+    return layout
+
+
+def get(name: str) -> Layout:
+    if name not in LAYOUTS:
+        raise SoupsError(f"unknown layout {name!r}: use one of {', '.join(LAYOUTS)}")
+    return LAYOUTS[name]
+
+
+def option_names() -> set[str]:
+    """Every recipe field some layout reads (age_bins, relabel...)."""
+    return {k for layout in LAYOUTS.values() for k in layout.options}
+
+
+def read_layout(name: str, data: str | Path, **options) -> dict:
+    """Read a dataset with its layout. An option that belongs to another layout is refused when it
+    is set to anything but its default (a relabel file given to an image folder would silently
+    do nothing)."""
+    layout = get(name)
+    for key, value in options.items():
+        if key in layout.options:
+            continue
+        owners = [o for o in LAYOUTS.values() if key in o.options]
+        if owners and value and value != owners[0].options[key]:
+            raise SoupsError(f"{key} applies to the {owners[0].name} layout, not {name}")
+    given = {k: v for k, v in options.items() if k in layout.options and v not in ("", None)}
+    return layout.read(data_root(data), **given)
+
+
+def inference_inputs(recipe, classes: list[str]) -> Samples:
+    """What `infer` predicts for a recipe: its layout's inputs under the recipe's data root."""
+    return get(recipe.layout).inputs(data_root(recipe.data), classes, recipe)
+
+
+# Registration order is the order --help lists them.
+from soups.layouts import csv_list, fashion_mnist, imagefolder, mask  # noqa: E402, F401
