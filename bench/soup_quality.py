@@ -15,6 +15,7 @@ $SOUPS_CACHE/bench-members/ (~/.cache/soups by default): judging them again retr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from bench.common import RESULTS, command, report
 from soups import data
@@ -32,7 +34,7 @@ from soups.ensemble import soft_vote
 from soups.evaluate import EvalSet, Scorer, metrics
 from soups.finetune import train_config, train_loader
 from soups.models import create_model, load_start, normalisation
-from soups.recipe import load_recipe, to_yaml
+from soups.recipe import load_recipe
 from soups.soup import METHODS, Candidate, Kitchen
 from soups.soup_step import SoupOptions, held_out_sets
 from soups.train import fit
@@ -100,13 +102,19 @@ def make_sweep(args, split_seed: int, shared: bool, splits, val: EvalSet, cache:
     return Sweep("shared start" if shared else "independent", states, vals, start, total)
 
 
+# Recipe fields that never change what a member learns: a new one must not retrain the cache.
+NOT_TRAINING = ("experiment", "description", "registered_model", "system_metrics")
+
+
 def key(thing) -> str:
-    """A short digest of a recipe (its YAML) or of a state dict (its first and last tensors)."""
+    """A short digest of a recipe (the fields that change training, as YAML) or of a state dict
+    (its first and last tensors)."""
     if isinstance(thing, dict):
         ks = sorted(thing)
         text = "".join(f"{k}{thing[k].double().sum().item():.6e}" for k in ks[:3] + ks[-3:])
     else:
-        text = to_yaml(thing)
+        fields = {k: v for k, v in dataclasses.asdict(thing).items() if k not in NOT_TRAINING}
+        text = yaml.safe_dump(fields, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 

@@ -93,13 +93,7 @@ def evaluate_runs(
     `<split>_accuracy`; a run that cannot be scored gets its reason in the table."""
     if split not in SPLITS:
         raise SoupsError(f"split={split!r} must be one of {', '.join(SPLITS)}")
-    with tracking.start(
-        "evaluation",
-        recipe.experiment,
-        name=f"evaluate {split}",
-        system_metrics=recipe.system_metrics,
-        experiment_note=recipe.description,
-    ) as run:
+    with tracking.start_step("evaluation", recipe, f"evaluate {split}") as run:
         run.log_params({"split": split, "scored_run": run_id or "all lacking a score"})
         if run_id:
             runs = [tracking.get_run(run_id)]

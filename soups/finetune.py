@@ -179,15 +179,7 @@ def tracked_training(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     on_start: Callable[[str], None] | None = None,
 ) -> str:
-    with tracking.start(
-        role,
-        recipe.experiment,
-        parent,
-        tags,
-        name=run_name(role, recipe),
-        system_metrics=recipe.system_metrics,
-        experiment_note=recipe.description,
-    ) as run:
+    with tracking.start_step(role, recipe, run_name(role, recipe), parent, tags) as run:
         if on_start is not None:
             on_start(run.id)
         run.log_params(params(recipe))

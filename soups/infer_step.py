@@ -201,13 +201,8 @@ def infer(recipe: Recipe, opts: InferOptions) -> dict:
     model_uri = opts.model_uri or f"models:/{registered_name(recipe)}@{tracking.CHAMPION}"
     device = default_device()
     short = f"@{tracking.CHAMPION}" if not opts.model_uri else model_uri
-    with tracking.start(
-        "inference",
-        recipe.experiment,
-        name=f"infer {short}" + (f" vs {opts.ensemble}" if opts.ensemble else ""),
-        system_metrics=recipe.system_metrics,
-        experiment_note=recipe.description,
-    ) as run:
+    name = f"infer {short}" + (f" vs {opts.ensemble}" if opts.ensemble else "")
+    with tracking.start_step("inference", recipe, name) as run:
         run.log_params(
             {"model_uri": model_uri, "ensemble": opts.ensemble, "tta": opts.tta, "vote": opts.vote}
         )

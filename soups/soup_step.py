@@ -281,13 +281,7 @@ def make_soup(
     params = chosen.resolve(opts.method_params)
     if opts.bn_recalibrate not in BN_MODES:
         raise SoupsError(f"bn_recalibrate={opts.bn_recalibrate!r} must be one of {', '.join(BN_MODES)}")
-    with tracking.start(
-        "soup",
-        recipe.experiment,
-        name=f"{opts.method} soup",
-        system_metrics=recipe.system_metrics,
-        experiment_note=recipe.description,
-    ) as run:
+    with tracking.start_step("soup", recipe, f"{opts.method} soup") as run:
         g = gather(run, recipe, given, opts)
         run.log_split(g.splits.fingerprint)
         run.log_datasets(data_parts(g.ref, g.splits, ("validation", "test")))

@@ -404,6 +404,20 @@ def start(
     mlflow.end_run("FINISHED")
 
 
+def start_step(role: str, recipe, name: str, parent: Run | None = None, tags: dict | None = None):
+    """`start` for a step's run from its recipe: the recipe's experiment, its description for the
+    experiment and its choice of system metrics."""
+    return start(
+        role,
+        recipe.experiment,
+        parent,
+        tags,
+        name=name,
+        system_metrics=recipe.system_metrics,
+        experiment_note=recipe.description,
+    )
+
+
 def describe_experiment(experiment_id: str, note: str) -> None:
     """Give an experiment its description and open it in the UI's model-training view, unless it
     has them already (a description someone wrote is never replaced)."""

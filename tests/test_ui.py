@@ -208,3 +208,24 @@ def test_the_ui_shows_names_datasets_and_the_soups_ingredients_in_a_real_browser
     assert "greedy soup" in soup_page
     for ingredient in p["soup"].chosen.result.ingredients:
         assert ingredient[:8] in soup_page, "the description lists the ingredients"
+
+
+def test_system_metrics_are_logged_when_asked(tmp_path, monkeypatch):
+    """-P system_metrics=true: MLflow's own sampler logs CPU and memory into the step's run."""
+    import time
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", experiment="sys", system_metrics=True))
+    plain = load_recipe(write_recipe(tmp_path / "p.yaml", experiment="sys"))
+    with tracking.start_step("evaluation", recipe, "with system metrics") as on:
+        time.sleep(2)
+    with tracking.start_step("evaluation", plain, "without") as off:
+        time.sleep(1)
+    client = mlflow.MlflowClient()
+    logged = client.get_run(on.id).data.metrics
+    assert any(k.startswith("system/cpu_utilization") for k in logged), sorted(logged)
+    assert any(k.startswith("system/system_memory_usage") for k in logged), sorted(logged)
+    assert not any(k.startswith("system/") for k in client.get_run(off.id).data.metrics)
