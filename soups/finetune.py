@@ -222,19 +222,20 @@ def run_name(role: str, recipe: Recipe) -> str:
 CONTEXT_SPLIT = {"training": "train", "validation": "val", "test": "test"}
 
 
+def data_part(recipe: Recipe, part: str, samples: data.Samples, context: str) -> tracking.DataPart:
+    """One part of the recipe's data as an MLflow dataset input (`<data folder>/<part>`)."""
+    name, root = f"{data.data_name(recipe.data)}/{part}", str(data.data_root(recipe.data))
+    return tracking.DataPart(name, root, data.digest(samples), context, len(samples))
+
+
 def data_parts(recipe: Recipe, splits: data.Splits, contexts) -> list[tracking.DataPart]:
     """The recipe's data as MLflow dataset inputs, one per context (training, validation, test)."""
-    out = []
-    for context in contexts:
-        part = getattr(splits, CONTEXT_SPLIT[context])
-        if len(part):
-            name = f"{data.data_name(recipe.data)}/{CONTEXT_SPLIT[context]}"
-            out.append(
-                tracking.DataPart(
-                    name, str(data.data_root(recipe.data)), data.digest(part), context, len(part)
-                )
-            )
-    return out
+    parts = ((context, CONTEXT_SPLIT[context]) for context in contexts)
+    return [
+        data_part(recipe, part, getattr(splits, part), context)
+        for context, part in parts
+        if len(getattr(splits, part))
+    ]
 
 
 def training_note(role: str, recipe: Recipe, splits: data.Splits, start: Start, experiment_id: str) -> str:

@@ -17,6 +17,7 @@ import torch
 from soups import SoupsError, data, layouts, tracking
 from soups.ensemble import VOTES, attribute_vote, hard_vote, soft_vote
 from soups.evaluate import confusion, default_device, macro_f1
+from soups.finetune import data_part
 from soups.layouts import Attributes
 from soups.models import Checkpoint, load_checkpoint
 from soups.predict import Predictor
@@ -210,17 +211,7 @@ def infer(recipe: Recipe, opts: InferOptions) -> dict:
         samples = layouts.inference_inputs(recipe, main.classes)
         labelled = len(samples) and (samples.labels >= 0).all()
         part = "test" if labelled else "inference"
-        run.log_datasets(
-            [
-                tracking.DataPart(
-                    f"{data.data_name(recipe.data)}/{part}",
-                    str(data.data_root(recipe.data)),
-                    data.digest(samples),
-                    part,
-                    len(samples),
-                )
-            ]
-        )
+        run.log_datasets([data_part(recipe, part, samples, part)])
         decoded: dict[int, data.Decoded] = {}
 
         def pixels(size: int) -> data.Decoded:

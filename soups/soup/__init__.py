@@ -5,10 +5,9 @@ one import line below, and it is an option of the soup step, a param of its run 
 its table (tests/test_soup_methods.py runs every registered method on tiny timm models)."""
 
 from soups.soup import greedy, learned, model_stock, uniform, wise_ft  # noqa: F401  (each registers itself)
-from soups.soup.core import Candidate, RunningAverage, Score, SoupResult, StateDict, Step
+from soups.soup.core import Candidate, RunningAverage, Score, SoupResult, StateDict, Step, uniform_soup
 from soups.soup.greedy import TIE_RULES, greedy_soup
 from soups.soup.registry import METHODS, HeldOut, Kitchen, Param, SoupMethod, all_params, method, register
-from soups.soup.uniform import uniform_soup
 
 __all__ = [
     "METHODS",

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from soups.soup.core import RunningAverage, SoupResult, StateDict, Step, no_usable, usable
+from soups.soup.core import RunningAverage, SoupResult, Step, no_usable, usable
 from soups.soup.registry import Kitchen, register
 
 
-def uniform_soup(states: Iterable[StateDict]) -> StateDict:
-    avg = RunningAverage()
-    for state in states:
-        avg.add(state)
-    return avg.average()
+def average_all(kitchen: Kitchen, note: str) -> tuple[RunningAverage, list[str], list[Step], int]:
+    """Every usable ingredient summed once, in rank order (streamed: one state dict at a time),
+    with the best one's held-out count; what the uniform soup and WiSE-FT start from."""
+    soup, steps, names, best = RunningAverage(), [], [], 0
+    for rank, name, state in usable(kitchen.candidates, soup, steps):
+        if not soup.count:
+            best = kitchen.scorer.correct(state, None, False)
+        soup.add(state)
+        names.append(name)
+        steps.append(Step(rank, name, "kept", note, None))
+    if not soup.count:
+        raise no_usable(steps)
+    return soup, names, steps, best
 
 
 @register(
@@ -21,15 +27,7 @@ def uniform_soup(states: Iterable[StateDict]) -> StateDict:
     "Wortsman et al. 2022, Model soups, uniform soup: https://arxiv.org/abs/2203.05482",
 )
 def cook(kitchen: Kitchen) -> SoupResult:
-    soup, steps, names, best = RunningAverage(), [], [], 0
-    for rank, name, state in usable(kitchen.candidates, soup, steps):
-        if not soup.count:
-            best = kitchen.scorer.correct(state, None, False)
-        soup.add(state)
-        names.append(name)
-        steps.append(Step(rank, name, "kept", "uniform", None))
-    if not soup.count:
-        raise no_usable(steps)
+    soup, names, steps, best = average_all(kitchen, "uniform")
     state = soup.average()
     correct = kitchen.scorer.correct(state, None, True) if soup.count > 1 else best
     return SoupResult(state, names, steps, best, correct, kitchen.scorer.size, soup.count > 1)

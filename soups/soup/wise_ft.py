@@ -4,8 +4,9 @@
 
 from __future__ import annotations
 
-from soups.soup.core import RunningAverage, SoupResult, StateDict, Step, no_usable, usable
+from soups.soup.core import SoupResult, StateDict
 from soups.soup.registry import Kitchen, Param, register
+from soups.soup.uniform import average_all
 
 
 def interpolate(soup: StateDict, start: StateDict, alpha: float) -> StateDict:
@@ -25,15 +26,7 @@ def interpolate(soup: StateDict, start: StateDict, alpha: float) -> StateDict:
 )
 def cook(kitchen: Kitchen, wise_steps: int) -> SoupResult:
     start = kitchen.start_weights("wise_ft")
-    soup, steps, names, best = RunningAverage(), [], [], 0
-    for rank, name, state in usable(kitchen.candidates, soup, steps):
-        if not soup.count:
-            best = kitchen.scorer.correct(state, None, False)
-        soup.add(state)
-        names.append(name)
-        steps.append(Step(rank, name, "kept", "in the uniform soup", None))
-    if not soup.count:
-        raise no_usable(steps)
+    soup, names, steps, best = average_all(kitchen, "in the uniform soup")
     average, size = soup.average(), kitchen.scorer.size
     chosen, chosen_correct, curve = None, -1, []
     for j in range(max(1, wise_steps), -1, -1):  # from the soup towards the start
