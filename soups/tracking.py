@@ -232,8 +232,18 @@ class Run:
             dataset = MetaDataset(source, name=part.name, digest=part.digest)._to_mlflow_entity()
             tags = [InputTag(MLFLOW_DATASET_CONTEXT, part.context), InputTag("images", str(part.images))]
             inputs.append(DatasetInput(dataset, tags))
-        with reachable():
-            self.client.log_inputs(self.id, datasets=inputs)
+        # Runs that start together log the same dataset at once, and MLflow's SQL store can then
+        # refuse the second insert of that dataset row: once more finds the row there. A dataset
+        # input is what the UI shows, never worth failing a fine-tune for.
+        for attempt in range(3):
+            try:
+                with reachable():
+                    self.client.log_inputs(self.id, datasets=inputs)
+                return
+            except MlflowException as e:
+                if attempt == 2:
+                    log.warning("run %s: dataset inputs not logged: %s", self.id, str(e).splitlines()[0])
+                time.sleep(0.5 * (attempt + 1))
 
     def log_start(self, digest: str, start_run: str = "") -> None:
         """Which exact weights this run started from: ingredients of one soup must share them."""
