@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from bench.common import command, mask_dataset, report
+from soups.batches import train_loader
 from soups.data import load_splits, model_input
-from soups.finetune import train_loader
 from soups.losses import CrossEntropy
 from soups.models import create_model, normalisation
 from soups.recipe import load_recipe

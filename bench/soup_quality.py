@@ -30,13 +30,15 @@ import yaml
 
 from bench.common import RESULTS, command, report
 from soups import data
+from soups.batches import train_loader
 from soups.ensemble import soft_vote
 from soups.evaluate import EvalSet, Scorer, metrics
-from soups.finetune import train_config, train_loader
+from soups.finetune import train_config
 from soups.models import create_model, load_start, normalisation
 from soups.recipe import load_recipe
 from soups.soup import METHODS, Candidate, Kitchen
-from soups.soup_step import SoupOptions, held_out_sets
+from soups.soup_ingredients import held_out_sets
+from soups.soup_step import SoupOptions
 from soups.train import fit
 
 DEFAULT_METHOD = "greedy"  # what `greedy_soup` registers when no method is given

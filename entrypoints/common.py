@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from soups import SoupsError
+from soups import SoupsError, distributed
+from soups.options import cli_fields
 from soups.recipe import OPTION_FIELDS
 from soups.soup import all_params
 
@@ -43,6 +46,31 @@ def _add_recipe_options(command: Callable, names: tuple[str, ...]) -> Callable:
     )(command)
 
 
+def step_options(cls) -> Callable[[Callable], Callable]:
+    """One option per command-line field of a step's options class, with its declared default,
+    choices and help."""
+
+    def add(command: Callable) -> Callable:
+        for f in reversed(cli_fields(cls)):
+            choices = f.metadata.get("choices")
+            command = click.option(
+                f"--{f.name}",
+                type=click.Choice([str(c) for c in choices]) if choices else _TYPES[type(f.default)],
+                default=f.default,
+                show_default=f.default != "",
+                help=f.metadata["help"],
+            )(command)
+        return command
+
+    return add
+
+
+def step_values(cls, options: dict[str, Any], **extra: Any):
+    """The step's options object from the parsed command line, taking its fields out of `options`
+    (what remains are the recipe options)."""
+    return cls(**{f.name: options.pop(f.name) for f in cli_fields(cls)}, **extra)
+
+
 def method_options() -> Callable[[Callable], Callable]:
     """One option per parameter of every registered soup method, declared once in its file."""
 
@@ -71,3 +99,20 @@ def run_cli(step: Callable[[], Any]) -> Any:
         return step()
     except SoupsError as e:
         raise click.ClickException(" ".join(str(e).split())) from None
+
+
+def relaunch_if_parallel(nproc: int) -> None:
+    """-P nproc=N: this very command again as N torchrun processes (which never relaunch)."""
+    if nproc <= 1 or distributed.launched():
+        return
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip or a.startswith("--nproc="):
+            skip = False
+            continue
+        skip = a == "--nproc"
+        if not skip:
+            args.append(a)
+    command = distributed.torchrun_command(nproc, sys.argv[0], args)
+    sys.stdout.flush()
+    os.execv(command[0], command)

@@ -3,8 +3,8 @@
 import click
 import pandas as pd
 
-from entrypoints.common import given, recipe_options, run_cli
-from soups.evaluate_step import SPLITS, evaluate_runs
+from entrypoints.common import given, recipe_options, run_cli, step_options, step_values
+from soups.evaluate_step import EvaluateOptions, evaluate_runs
 from soups.recipe import load_recipe
 
 
@@ -14,21 +14,12 @@ from soups.recipe import load_recipe
     "...); an evaluation run gets the table, confusion matrices and per-class errors."
 )
 @recipe_options("experiment", "data", "layout", "workers")
-@click.option("--run_id", default="", help="Score only this run (default: every run lacking the score).")
-@click.option(
-    "--split",
-    type=click.Choice(SPLITS),
-    default="test",
-    show_default=True,
-    help="Held-out split to score on.",
-)
-@click.option(
-    "--source", default="", help="Experiment whose runs to score (default: the evaluation run's own)."
-)
-def main(recipe, run_id, split, source, **options):
+@step_options(EvaluateOptions)
+def main(recipe, **options):
+    opts = step_values(EvaluateOptions, options)
     cfg = run_cli(lambda: load_recipe(recipe, given(options)))
     data_options = given({k: options[k] for k in ("data", "layout")})
-    report = run_cli(lambda: evaluate_runs(cfg, data_options, run_id, split, source))
+    report = run_cli(lambda: evaluate_runs(cfg, data_options, opts))
     if not report.scores.empty:
         with pd.option_context("display.width", 200, "display.float_format", "{:.4f}".format):
             click.echo(report.scores.to_string(index=False))

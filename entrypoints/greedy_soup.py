@@ -2,15 +2,10 @@
 
 import click
 
-from entrypoints.common import given, method_options, recipe_options, run_cli
+from entrypoints.common import given, method_options, recipe_options, run_cli, step_options, step_values
 from soups.recipe import load_recipe
-from soups.soup import METHODS, all_params
-from soups.soup_step import BN_MODES, SoupOptions, make_soup
-
-METHOD_HELP = "; ".join(
-    f"{m.name}: {m.summary}" + (" (needs the ingredients' shared start)" if m.needs_start else "")
-    for m in METHODS.values()
-)
+from soups.soup import all_params
+from soups.soup_step import SoupOptions, make_soup
 
 
 @click.command(
@@ -19,52 +14,11 @@ METHOD_HELP = "; ".join(
     "The held-out split is rebuilt from the top run's params; -P data=... if its data moved."
 )
 @recipe_options("experiment", "data", "layout", "workers", "registered_model")
-@click.option(
-    "--method", type=click.Choice(list(METHODS)), default="greedy", show_default=True, help=METHOD_HELP
-)
-@click.option(
-    "--compare",
-    default="",
-    help="Other methods to cook and report beside it (not registered): comma-separated, or `all`. "
-    "The uniform soup is always reported.",
-)
+@step_options(SoupOptions)
 @method_options()
-@click.option(
-    "--bn_recalibrate",
-    type=click.Choice(BN_MODES),
-    default="auto",
-    show_default=True,
-    help="Recompute BatchNorm statistics of averaged weights on training images "
-    "(auto: when the model has BatchNorm).",
-)
-@click.option(
-    "--bn_images",
-    type=int,
-    default=1000,
-    show_default=True,
-    help="Training images used to recompute BatchNorm statistics (0: all).",
-)
-@click.option(
-    "--max_candidates",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Consider at most this many top-ranked runs (0: all).",
-)
-@click.option(
-    "--filter", "filter_", default="", help="Extra MLflow search clause, e.g. \"params.model = 'x'\"."
-)
-@click.option("--parent", default="", help="Only the child runs of this (sweep) run id.")
-@click.option(
-    "--source", default="", help="Experiment to take ingredients from (default: the soup run's own)."
-)
-def main(
-    recipe, method, compare, bn_recalibrate, bn_images, max_candidates, filter_, parent, source, **options
-):
+def main(recipe, **options):
     method_params = {p.name: options.pop(p.name) for p in all_params()}
-    opts = SoupOptions(
-        method, compare, method_params, bn_recalibrate, bn_images, max_candidates, filter_, parent, source
-    )
+    opts = step_values(SoupOptions, options, method_params=method_params)
     data_options = given({k: options[k] for k in ("data", "layout")})
     cfg = run_cli(lambda: load_recipe(recipe, given(options)))
     report = run_cli(lambda: make_soup(cfg, data_options, opts))

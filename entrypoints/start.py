@@ -2,8 +2,8 @@
 
 import click
 
-from entrypoints.common import recipe_options, run_cli
-from soups.finetune import make_start
+from entrypoints.common import given, recipe_options, relaunch_if_parallel, run_cli, step_options, step_values
+from soups.finetune import TrainingOptions, make_start, resume
 from soups.recipe import load_recipe
 
 
@@ -14,8 +14,16 @@ from soups.recipe import load_recipe
     "from all of its weights, head included; greedy_soup averages only members of one start."
 )
 @recipe_options()
+@step_options(TrainingOptions)
 def main(recipe: str, **overrides) -> None:
-    run_id = run_cli(lambda: make_start(load_recipe(recipe, overrides)))
+    opts = step_values(TrainingOptions, overrides)
+    relaunch_if_parallel(opts.nproc)
+    if opts.resume:
+        run_id = run_cli(lambda: resume(opts.resume, given(overrides)))
+    else:
+        run_id = run_cli(lambda: make_start(load_recipe(recipe, overrides)))
+    if not run_id:  # a rank other than 0
+        return
     click.echo(f"start run {run_id}: fine-tune members from it with -P start=auto or -P start=runs:/{run_id}")
 
 

@@ -282,29 +282,6 @@ def decode(
     )
 
 
-def fits_in_memory(samples: Samples, size: int, cache_mb: int) -> bool:
-    return len(samples) * size * size * 3 <= cache_mb * 2**20
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """(uint8 HxWx3 tensor, label) pairs, from decoded images or decoding on the fly."""
-
-    def __init__(self, source: Decoded | Samples, size: int, transform=None):
-        self.source, self.size, self.transform = source, size, transform
-
-    def __len__(self) -> int:
-        return len(self.source.labels)
-
-    def __getitem__(self, j: int):
-        if isinstance(self.source, Decoded):
-            img = self.source.pixels[j]
-        else:
-            img = resized(self.source.read(j), self.size)
-        if self.transform is not None:
-            img = self.transform(image=img)["image"]
-        return torch.from_numpy(np.ascontiguousarray(img)), int(self.source.labels[j])
-
-
 def model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 NxHxWx3 -> normalised float Nx3xHxW, the same for training, evaluation and inference."""
     x = images.permute(0, 3, 1, 2).float().div_(255)

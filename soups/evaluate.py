@@ -176,3 +176,14 @@ class Scorer:
     ) -> torch.Tensor:
         model = self.load(state, averaged)
         return predict(model, evalset or self.held_out, self.mean, self.std, self.batch_size, self.device)
+
+
+def attribute_accuracy(attributes):
+    """For a layout whose labels combine attributes (mask x gender x age): val accuracy of each
+    attribute on its own, as `val_<attribute>_accuracy`."""
+
+    def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        true, pred = attributes.split(labels.numpy()), attributes.split(logits.argmax(1).numpy())
+        return {f"val_{a}_accuracy": float((true[a] == pred[a]).mean()) for a in attributes.names}
+
+    return scores

@@ -8,14 +8,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from soups import SoupsError, data, layouts, plots, tracking
+from soups import SoupsError, data, layouts, options, plots, tracking
 from soups.evaluate import EvalSet, confusion, default_device, metrics, predict
-from soups.finetune import data_parts
 from soups.models import load_checkpoint
+from soups.options import checked, option
 from soups.recipe import Recipe, from_params
+from soups.run_notes import data_parts
 
 SPLITS = ("val", "test")
 CONTEXTS = {"val": "validation", "test": "test"}
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    run_id: str = option("", "Score only this run (default: every run lacking the score).")
+    split: str = option("test", "Held-out split to score on.", choices=SPLITS)
+    source: str = option("", "Experiment whose runs to score (default: the evaluation run's own).")
 
 
 @dataclass
@@ -86,19 +94,17 @@ def evaluation_note(split: str, rows: list[dict], sets: dict, experiment_id: str
     return "\n".join(lines)
 
 
-def evaluate_runs(
-    recipe: Recipe, given: dict, run_id: str = "", split: str = "test", source: str = ""
-) -> EvalReport:
+def evaluate_runs(recipe: Recipe, given: dict, opts: EvaluateOptions | None = None) -> EvalReport:
     """Score one run, or every finished ingredient run of the experiment still lacking
     `<split>_accuracy`; a run that cannot be scored gets its reason in the table."""
-    if split not in SPLITS:
-        raise SoupsError(f"split={split!r} must be one of {', '.join(SPLITS)}")
+    opts = checked(opts or EvaluateOptions())
+    split = opts.split
     with tracking.start_step("evaluation", recipe, f"evaluate {split}") as run:
-        run.log_params({"split": split, "scored_run": run_id or "all lacking a score"})
-        if run_id:
-            runs = [tracking.get_run(run_id)]
+        run.log_params(options.params(opts))
+        if opts.run_id:
+            runs = [tracking.get_run(opts.run_id)]
         else:
-            experiment = tracking.find_experiment(source) if source else run.experiment_id
+            experiment = tracking.find_experiment(opts.source) if opts.source else run.experiment_id
             runs = [r for r in tracking.ranked_ingredients(experiment) if not tracking.has_score(r, split)]
         rows, per_class, sets = [], {}, {}
         for r in runs:

@@ -9,100 +9,29 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from soups import SoupsError, data, layouts, tracking
-from soups.augment import pipeline
-from soups.evaluate import EvalSet, default_device
+from soups import SoupsError, data, distributed, layouts, tracking
+from soups.batches import train_loader
+from soups.evaluate import EvalSet, attribute_accuracy, default_device
 from soups.losses import objective
 from soups.models import (
     Checkpoint,
     create_model,
-    head_keys,
-    load_checkpoint,
-    load_start,
     normalisation,
     save_checkpoint,
-    weights_digest,
 )
-from soups.recipe import Recipe, params, to_yaml
+from soups.options import option
+from soups.recipe import Recipe, from_params, params, to_yaml
+from soups.run_notes import data_parts, run_name, training_note
+from soups.starts import freeze_all_but_head, initial_model
 from soups.train import TrainConfig, fit
 
 log = logging.getLogger(__name__)
-
-
-def oversampled_classes(spec: str, classes: list[str]) -> list[int]:
-    """Class indices named by `oversample`: names or indices, comma-separated, or `old`."""
-    picked = []
-    for item in (x.strip() for x in spec.split(",") if x.strip()):
-        if item == "old":
-            old = [j for j, c in enumerate(classes) if c.rsplit("/", 1)[-1].startswith(">=")]
-            if not old:
-                raise SoupsError("oversample=old needs the mask layout's age classes")
-            picked += old
-        elif item in classes:
-            picked.append(classes.index(item))
-        elif item.isdigit() and int(item) < len(classes):
-            picked.append(int(item))
-        else:
-            raise SoupsError(f"oversample: {item!r} is not a class (classes: {', '.join(classes[:6])}, ...)")
-    return sorted(set(picked))
-
-
-def train_loader(splits: data.Splits, recipe: Recipe) -> tuple[torch.utils.data.DataLoader, int]:
-    """Batches of the training split with the recipe's augmentation, plus the `oversample`
-    classes repeated with their own augmentation, drawn from the training split alone; decoded
-    images stay in memory when they fit in `cache_mb`. Returns the loader and how many images
-    were skipped as unreadable."""
-    size, skipped = recipe.img_size, 0
-    source: data.Decoded | data.Samples = splits.train
-    if data.fits_in_memory(splits.train, size, recipe.cache_mb):
-        source = data.decode(splits.train, size, recipe.workers, recipe.skip_bad, "decode train")
-        skipped = len(source.skipped)
-    transform = pipeline(recipe.aug, size, recipe.seed)
-    parts = [data.ImageDataset(source, size, transform)]
-    extra_transform = None
-    if recipe.oversample and recipe.oversample_factor > 1:
-        targets = oversampled_classes(recipe.oversample, splits.train.classes)
-        rows = np.flatnonzero(np.isin(source.labels, targets))
-        extra_transform = pipeline(recipe.oversample_aug, size, recipe.seed + 1)
-        parts += [data.ImageDataset(source.subset(rows), size, extra_transform)] * (
-            recipe.oversample_factor - 1
-        )
-
-    def seed_worker(worker_id: int) -> None:  # distinct, reproducible augmentation per worker
-        for t, offset in ((transform, 0), (extra_transform, 1)):
-            if t is not None:
-                t.set_random_seed((torch.initial_seed() + offset) % 2**32)
-
-    dataset = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=recipe.batch_size,
-        shuffle=True,
-        drop_last=len(dataset) > recipe.batch_size,  # a size-1 last batch breaks BatchNorm
-        num_workers=recipe.workers,
-        worker_init_fn=seed_worker,
-        generator=torch.Generator().manual_seed(recipe.seed),
-        persistent_workers=False,
-    )
-    return loader, skipped
-
-
-def attribute_accuracy(attributes):
-    """For a layout whose labels combine attributes (mask x gender x age): val accuracy of each
-    attribute on its own, as `val_<attribute>_accuracy`."""
-
-    def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        true, pred = attributes.split(labels.numpy()), attributes.split(logits.argmax(1).numpy())
-        return {f"val_{a}_accuracy": float((true[a] == pred[a]).mean()) for a in attributes.names}
-
-    return scores
 
 
 def train_config(recipe: Recipe) -> TrainConfig:
@@ -110,44 +39,19 @@ def train_config(recipe: Recipe) -> TrainConfig:
 
 
 @dataclass(frozen=True)
-class Start:
-    """The exact weights a run starts from: their digest, the start run they came from (empty for
-    the pretrained weights) and where they were read, for the log."""
+class TrainingOptions:
+    """How a fine-tune (or start) runs, beside what it trains (the recipe)."""
 
-    digest: str
-    run_id: str
-    source: str
-
-
-def initial_model(
-    recipe: Recipe, splits: data.Splits, experiment_id: str, role: str
-) -> tuple[nn.Module, Start]:
-    """The model a run trains, with its starting weights: the pretrained ones with a zero head, or,
-    for an ingredient with `start`, every weight of a start checkpoint trained on the same split."""
-    classes = splits.train.classes
-    if role == "start" or recipe.start == "none":
-        pretrained = recipe.pretrained
-        if tracking.is_mlflow_uri(pretrained):
-            pretrained = str(tracking.checkpoint_for(pretrained))
-        model = create_model(recipe.model, len(classes), pretrained)
-        return model, Start(weights_digest(model.state_dict()), "", f"pretrained={recipe.pretrained}")
-    if recipe.start == "auto":
-        found = tracking.newest_start(experiment_id, recipe.model, splits.fingerprint)
-        path, start_run = tracking.cached_checkpoint(found)[0], found.info.run_id
-    else:
-        path = tracking.checkpoint_for(recipe.start)
-        run = tracking.run_of(recipe.start)
-        start_run = run.info.run_id if run is not None else ""
-    ckpt = load_checkpoint(path)
-    if ckpt.split != splits.fingerprint or list(ckpt.classes) != list(classes):
-        raise SoupsError(
-            f"start {recipe.start} was trained on split {ckpt.split} with {len(ckpt.classes)} classes, this "
-            f"run uses split {splits.fingerprint} with {len(classes)}: a start trained on other data may "
-            "have seen this run's val or test images; make a start with this recipe (`-e start`)"
-        )
-    model = create_model(recipe.model, len(classes))
-    load_start(model, ckpt.state_dict, recipe.start)
-    return model, Start(weights_digest(model.state_dict()), start_run, f"start={recipe.start} ({path})")
+    nproc: int = option(
+        1,
+        "Processes that train together, data-parallel on this machine (one per GPU; gloo on CPUs): "
+        "launches torchrun for you. Several machines: start torchrun yourself (README).",
+    )
+    resume: str = option(
+        "",
+        "Continue this run id in place from its last training state (kept with save_every), after "
+        "a kill, a preemption or a lost tracking server; the recipe comes from the run.",
+    )
 
 
 def finetune(
@@ -156,11 +60,31 @@ def finetune(
     tags: dict | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     on_start: Callable[[str], None] | None = None,
+    resume: str = "",
 ) -> str:
     """Fine-tune sweep member `recipe.i` and log it as an ingredient run (a child of `parent` in a
-    sweep); `on_epoch` also sees each epoch's metrics and may raise `soups.Stopped`. Returns the
-    run id."""
-    return tracked_training("ingredient", recipe, parent, tags, on_epoch, on_start)
+    sweep); `on_epoch` also sees each epoch's metrics and may raise `soups.Stopped`. `resume`
+    continues that run instead, from its last training state. Returns the run id."""
+    return tracked_training("ingredient", recipe, parent, tags, on_epoch, on_start, resume)
+
+
+def resume(run_id: str, given: dict | None = None) -> str:
+    """Continue ingredient or start run `run_id` in place from its last training state, with the
+    recipe it logged (`given` overrides the data options, for data that moved) and the very start
+    it began from. Returns the run id ("" on ranks other than 0)."""
+    world = distributed.from_env()
+    with distributed.joined(world):
+        found = None
+        if world.is_main:  # only rank 0 reads the tracking server; the others get what it read
+            run = tracking.resumable(tracking.checked_run_id(run_id, "resume"))
+            recipe = from_params(tracking.run_params(run), given or {})
+            start_run = tracking.start_run_of(run)
+            found = (
+                tracking.role_of(run),
+                replace(recipe, start=f"runs:/{start_run}" if start_run else "none"),
+            )
+        role, recipe = distributed.broadcast(found, world)
+        return tracked_training(role, recipe, resume=run_id)
 
 
 def make_start(recipe: Recipe) -> str:
@@ -178,97 +102,82 @@ def tracked_training(
     tags: dict | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     on_start: Callable[[str], None] | None = None,
+    resume: str = "",
 ) -> str:
-    with tracking.start_step(role, recipe, run_name(role, recipe), parent, tags) as run:
-        if on_start is not None:
-            on_start(run.id)
-        run.log_params(params(recipe))
-        run.log_recipe(to_yaml(recipe))
-        torch.manual_seed(recipe.seed)
-        splits = data.load_splits(recipe)
-        run.log_split(splits.fingerprint)
-        if recipe.relabel:
-            run.log_relabel(splits.relabelled, Path(recipe.relabel))
-        run.log_datasets(data_parts(recipe, splits, ("training", "validation")))
-        model, start = initial_model(recipe, splits, run.experiment_id, role)
-        log.info("%s starts from %s (weights %s…)", role, start.source, start.digest[:12])
-        run.log_start(start.digest, start.run_id)
-        run.describe(training_note(role, recipe, splits, start, run.experiment_id))
-        if role == "start" and recipe.start_mode == "probe":
-            freeze_all_but_head(model)
-        ckpt = train(run, recipe, splits, model, on_epoch)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.pt"
-            digest = save_checkpoint(ckpt, path)
-            try:
-                run.log_checkpoint(path, digest)
-            except tracking.Unreachable as e:
-                kept = keep_locally(path, run.id)
-                raise SoupsError(
-                    f"{e}: the trained checkpoint is kept at {kept} (sha256 {digest[:12]}…); run {run.id} "
-                    "stays unfinished, so no soup takes it; fine-tune again or load it with pretrained="
-                    f"{kept}"
-                ) from None
+    """Train and log one run; under `torchrun` every process trains its share and rank 0 alone
+    logs (the others return ""). `resume`: continue that run from its last saved training state."""
+    world = distributed.from_env()
+    with distributed.joined(world):
+        if not world.is_main:
+            return train_silently(role, recipe, world)
+        name = run_name(role, recipe)
+        with tracking.start_step(role, recipe, name, parent, tags, resume=resume) as run:
+            if on_start is not None:
+                on_start(run.id)
+            splits, model = prepare(run, role, recipe)
+            state = tracking.training_state(resume) if resume else None
+            ckpt = train(run, recipe, splits, model, on_epoch, world, state)
+            upload(run, ckpt)
     return run.id
 
 
-def run_name(role: str, recipe: Recipe) -> str:
-    """`finetune i=3 lr=1.2e-03`, `start ft 3 ep`: what a person looks for in the runs table."""
-    if role == "start":
-        return f"start {'ft' if recipe.start_mode == 'finetune' else 'probe'} {recipe.epochs} ep"
-    return f"finetune i={recipe.i} lr={recipe.lr:.1e}"
+def prepare(run: tracking.Run, role: str, recipe: Recipe) -> tuple[data.Splits, nn.Module]:
+    """The run's params, recipe, split, dataset inputs, starting weights and description."""
+    run.log_params(params(recipe))
+    run.log_recipe(to_yaml(recipe))
+    torch.manual_seed(recipe.seed)
+    splits = data.load_splits(recipe)
+    run.log_split(splits.fingerprint)
+    if recipe.relabel:
+        run.log_relabel(splits.relabelled, Path(recipe.relabel))
+    run.log_datasets(data_parts(recipe, splits, ("training", "validation")))
+    model, start = initial_model(recipe, splits, run.experiment_id, role)
+    log.info("%s starts from %s (weights %s…)", role, start.source, start.digest[:12])
+    run.log_start(start.digest, start.run_id)
+    run.describe(training_note(role, recipe, splits, start, run.experiment_id))
+    if role == "start" and recipe.start_mode == "probe":
+        freeze_all_but_head(model)
+    return splits, model
 
 
-CONTEXT_SPLIT = {"training": "train", "validation": "val", "test": "test"}
-
-
-def data_part(recipe: Recipe, part: str, samples: data.Samples, context: str) -> tracking.DataPart:
-    """One part of the recipe's data as an MLflow dataset input (`<data folder>/<part>`)."""
-    name, root = f"{data.data_name(recipe.data)}/{part}", str(data.data_root(recipe.data))
-    return tracking.DataPart(name, root, data.digest(samples), context, len(samples))
-
-
-def data_parts(recipe: Recipe, splits: data.Splits, contexts) -> list[tracking.DataPart]:
-    """The recipe's data as MLflow dataset inputs, one per context (training, validation, test)."""
-    parts = ((context, CONTEXT_SPLIT[context]) for context in contexts)
-    return [
-        data_part(recipe, part, getattr(splits, part), context)
-        for context, part in parts
-        if len(getattr(splits, part))
-    ]
-
-
-def training_note(role: str, recipe: Recipe, splits: data.Splits, start: Start, experiment_id: str) -> str:
-    """The run's description: what it is, its draw, and where it started from."""
-    drawn = ", ".join(
-        f"{k} {getattr(recipe, k):.3g}"
-        if isinstance(getattr(recipe, k), float)
-        else f"{k} {getattr(recipe, k)}"
-        for k in sorted(recipe.space)
+def train_silently(role: str, recipe: Recipe, world: distributed.World) -> str:
+    """A rank other than 0: the same split and model, its share of every batch, no tracking. Its
+    starting weights are rank 0's (DistributedDataParallel broadcasts them)."""
+    torch.manual_seed(recipe.seed)
+    splits = data.load_splits(recipe)
+    model = create_model(recipe.model, len(splits.train.classes))
+    if role == "start" and recipe.start_mode == "probe":
+        freeze_all_but_head(model)
+    loader, _ = train_loader(splits, recipe, world)
+    state = distributed.broadcast(None, world)
+    fit(
+        model,
+        loader,
+        None,
+        train_config(recipe),
+        *normalisation(model),
+        training_device(world),
+        objective=loss_of(recipe, model),
+        world=world,
+        resume=state and state["loop"],
     )
-    what = (
-        f"**Shared start** of a sweep: {recipe.epochs} epochs ({recipe.start_mode}) of member "
-        f"{recipe.i}'s draw."
-        if role == "start"
-        else f"**Sweep member {recipe.i}**, {recipe.epochs} epochs."
-    )
-    origin = (
-        f"{tracking.run_link(start.run_id, experiment_id, 'start run ' + start.run_id[:8])}"
-        if start.run_id
-        else f"the pretrained weights (`{recipe.pretrained}`, head at zero)"
-    )
-    return (
-        f"{what}\n\n- model `{recipe.model}` at {recipe.img_size} px, data `{data.data_name(recipe.data)}` "
-        f"({len(splits.train)} training, {len(splits.val)} val images; split `{splits.fingerprint}`)\n"
-        f"- draw: {drawn or 'none (no search space)'}\n"
-        f"- started from {origin}, weights `{start.digest[:12]}`"
-    )
+    return ""
 
 
-def freeze_all_but_head(model: nn.Module) -> None:
-    head = head_keys(model)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in head)
+def upload(run: tracking.Run, ckpt: Checkpoint) -> None:
+    """The checkpoint into the run; when the server is gone, kept locally and said in one line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / tracking.CHECKPOINT_FILE
+        digest = save_checkpoint(ckpt, path)
+        try:
+            run.log_checkpoint(path, digest)
+        except tracking.Unreachable as e:
+            kept = keep_locally(path, run.id)
+            raise SoupsError(
+                f"{e}: the trained checkpoint is kept at {kept} (sha256 {digest[:12]}…); run {run.id} "
+                "stays unfinished, so no soup takes it; fine-tune again or load it with pretrained="
+                f"{kept}"
+            ) from None
 
 
 def train(
@@ -277,50 +186,46 @@ def train(
     splits: data.Splits,
     model: nn.Module,
     on_epoch: Callable[[int, dict[str, float]], None] | None,
+    world: distributed.World = distributed.SINGLE,
+    state: dict | None = None,
 ) -> Checkpoint:
     """Fit `model` on the training split, reporting each epoch to `run` (training goes on while
-    the server is away) and to `on_epoch`; returns its checkpoint."""
+    the server is away) and to `on_epoch`, and keeping the training state every `save_every`
+    epochs; `state` continues a run from one. Returns the checkpoint."""
     classes = splits.train.classes
     mean, std = normalisation(model)
-    loader, skipped = train_loader(splits, recipe)
+    loader, skipped = train_loader(splits, recipe, world)
     val = data.decode(splits.val, recipe.img_size, recipe.workers, recipe.skip_bad, "decode val")
-    run.log_params(
-        {
-            "num_classes": len(classes),
-            "n_train": len(loader.dataset),
-            "n_val": len(val.labels),
-            "n_test": len(splits.test),
-            "skipped_images": skipped + len(val.skipped),
-        }
+    run.log_training_data(
+        len(classes),
+        len(loader.dataset),
+        len(val.labels),
+        len(splits.test),
+        skipped + len(val.skipped),
+        world.size,
     )
-    offline: list[int] = []  # epochs whose metrics the server did not take
-    best = {"best_val_accuracy": -1.0, "best_val_epoch": 0}  # a summary users sort the runs table by
-
-    def report(epoch: int, metrics: dict[str, float]) -> None:
-        if metrics["val_accuracy"] > best["best_val_accuracy"]:
-            best.update(best_val_accuracy=metrics["val_accuracy"], best_val_epoch=epoch)
-        try:
-            run.log_epoch(epoch, metrics)
-        except tracking.Unreachable as e:  # keep training: the weights matter more than a curve
-            if not offline:
-                log.warning("%s: training goes on; the checkpoint will be kept locally if it stays down", e)
-            offline.append(epoch)
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
-
-    loss = objective(
-        recipe.loss,
-        model,
-        label_smoothing=recipe.label_smoothing,
-        focal_gamma=recipe.focal_gamma,
-        supcon_weight=recipe.supcon_weight,
-    )
+    report = Reporter(run, on_epoch, state["best"] if state else None)
     attributes = layouts.get(recipe.layout).attributes
     extra = attribute_accuracy(attributes) if attributes is not None else None
     val_set = EvalSet.from_decoded(val, len(classes))
-    fit(model, loader, val_set, train_config(recipe), mean, std, default_device(), report, loss, extra)
+    state = distributed.broadcast(state, world)
+    fit(
+        model,
+        loader,
+        val_set,
+        train_config(recipe),
+        mean,
+        std,
+        training_device(world),
+        report,
+        loss_of(recipe, model),
+        extra,
+        world=world,
+        resume=state and state["loop"],
+        on_state=report.keep_state,
+    )
     with contextlib.suppress(tracking.Unreachable):  # the checkpoint upload says it, in one line
-        run.log_summary(best)
+        run.log_summary(report.best)
     return Checkpoint(
         model.state_dict(),
         model=recipe.model,
@@ -331,6 +236,47 @@ def train(
         mean=mean,
         std=std,
     )
+
+
+class Reporter:
+    """Rank 0's side of the loop: each epoch's metrics into the run (kept going while the server
+    is away), the best epoch as a summary, and the training state as an artifact."""
+
+    def __init__(self, run: tracking.Run, on_epoch, best: dict | None = None):
+        self.run, self.on_epoch, self.offline = run, on_epoch, []
+        self.best = best or {"best_val_accuracy": -1.0, "best_val_epoch": 0}  # what users sort by
+
+    def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
+        if metrics[tracking.RANK_METRIC] > self.best["best_val_accuracy"]:
+            self.best = {"best_val_accuracy": metrics[tracking.RANK_METRIC], "best_val_epoch": epoch}
+        try:
+            self.run.log_epoch(epoch, metrics)
+        except tracking.Unreachable as e:  # keep training: the weights matter more than a curve
+            if not self.offline:
+                log.warning("%s: training goes on; the checkpoint will be kept locally if it stays down", e)
+            self.offline.append(epoch)
+        if self.on_epoch is not None:
+            self.on_epoch(epoch, metrics)
+
+    def keep_state(self, epoch: int, loop_state: dict) -> None:
+        try:
+            tracking.keep_training_state(self.run, {"loop": loop_state, "best": self.best}, epoch)
+        except tracking.Unreachable as e:  # the last state the server took stays the one to resume
+            log.warning("training state of epoch %d not kept: %s", epoch, e)
+
+
+def loss_of(recipe: Recipe, model: nn.Module) -> nn.Module:
+    return objective(
+        recipe.loss,
+        model,
+        label_smoothing=recipe.label_smoothing,
+        focal_gamma=recipe.focal_gamma,
+        supcon_weight=recipe.supcon_weight,
+    )
+
+
+def training_device(world: distributed.World) -> torch.device:
+    return distributed.device_for(world) if world.parallel else default_device()
 
 
 UNLOGGED = Path("unlogged-checkpoints")

@@ -3,100 +3,67 @@ ensemble of other models, written as the competition's submission or a plain CSV
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
-from soups import SoupsError, data, layouts, tracking
+from soups import SoupsError, data, layouts, options, tracking
 from soups.ensemble import VOTES, attribute_vote, hard_vote, soft_vote
-from soups.evaluate import confusion, default_device, macro_f1
-from soups.finetune import data_part
-from soups.layouts import Attributes
+from soups.evaluate import default_device
 from soups.models import Checkpoint, load_checkpoint
-from soups.predict import Predictor
+from soups.options import checked, option
+from soups.predictions import (
+    Prediction,
+    predict_member,
+    score,
+    submission,
+    vote_on_files,
+    write_atomically,
+)
 from soups.recipe import Recipe, registered_name
+from soups.run_notes import data_part
 
 log = logging.getLogger(__name__)
 TTA = ("none", "hflip")
-BAD = -1  # the explicit label of an image that could not be read (skip_bad)
 
 
 @dataclass(frozen=True)
 class InferOptions:
-    model_uri: str = ""  # default: models:/<the recipe's registered name>@champion
-    ensemble: str = ""  # comma-separated model URIs, or top:N (the N best ingredient runs)
-    weights: str = ""  # "" equal | val (each member's val_accuracy) | w1,w2,...
-    vote: str = "soft"
-    tta: str = "none"
-    probs: bool = False
-    output: str = ""
-    vote_files: str = ""  # comma-separated predictions.csv files to hard-vote, best first (no model)
-
-
-@dataclass
-class Prediction:
-    name: str
-    probs: torch.Tensor  # N x C over the readable images
-    seconds_per_image: float
-    accuracy: float | None = None
-    f1: float | None = None
-
-
-def predict_member(ckpt: Checkpoint, pixels: np.ndarray, tta: str, device) -> tuple[torch.Tensor, float]:
-    """Class probabilities of one model (averaged over the TTA views) and its seconds per image."""
-    predictor = Predictor(ckpt, device)
-    start = time.perf_counter()
-    probs = predictor.probabilities(pixels)
-    if tta == "hflip":
-        probs = (probs + predictor.probabilities(np.ascontiguousarray(pixels[:, :, ::-1]))) / 2
-    return probs, (time.perf_counter() - start) / max(len(pixels), 1)
-
-
-def score(pred: Prediction, labels: np.ndarray) -> Prediction:
-    if len(labels) and (labels >= 0).all():
-        guess = pred.probs.argmax(1)
-        truth = torch.from_numpy(labels)
-        pred.accuracy = float((guess == truth).float().mean())
-        pred.f1 = macro_f1(confusion(guess, truth, pred.probs.shape[1]))
-    return pred
-
-
-def submission(
-    samples: data.Samples,
-    readable: list[str],
-    labels: np.ndarray,
-    probs: torch.Tensor | None,
-    classes: list[str],
-    layout: str,
-) -> pd.DataFrame:
-    """One row per input image, in input order; unreadable images get label -1 (never dropped).
-    A layout with its own submission format (the mask competition's) writes that instead."""
-    by_key = dict(zip(readable, labels.tolist(), strict=True))
-    column = [by_key.get(k, BAD) for k in samples.keys]
-    if (own := layouts.get(layout).submission) is not None:
-        return own(samples, column)
-    frame = pd.DataFrame(
-        {
-            "path": samples.keys,
-            "label": column,
-            "class_name": [classes[c] if c != BAD else "<unreadable>" for c in column],
-        }
+    model_uri: str = option(
+        "",
+        "models:/<name>@<alias>, models:/<name>/<version>, runs:/<id> or a .pt file "
+        "[default: models:/<registered_model>@champion].",
     )
-    if probs is not None:
-        rows = {k: j for j, k in enumerate(readable)}
-        full = np.full((len(samples), len(classes)), np.nan, np.float32)
-        for j, k in enumerate(samples.keys):
-            if k in rows:
-                full[j] = probs[rows[k]].numpy()
-        frame = pd.concat([frame, pd.DataFrame(full, columns=[f"p_{c}" for c in classes])], axis=1)
-    return frame
+    ensemble: str = option(
+        "",
+        "Also predict with an ensemble: comma-separated model URIs, or top:N for the N best "
+        "ingredient runs of the experiment.",
+    )
+    weights: str = option(
+        "", "Ensemble weights: empty for equal, val for each member's val_accuracy, or one number per member."
+    )
+    vote: str = option(
+        "soft",
+        "soft: mean of probabilities; hard: majority label (ties: best member); attributes: majority "
+        "per attribute of layouts that have them (mask: mask / gender / age).",
+        choices=list(VOTES),
+    )
+    tta: str = option(
+        "none",
+        "Test-time augmentation: hflip averages the probabilities of the image and its mirror.",
+        choices=TTA,
+    )
+    probs: bool = option(False, "Add one probability column per class (not for the mask submission).")
+    output: str = option("", "Also write predictions.csv here.")
+    vote_files: str = option(
+        "",
+        "Instead of predicting: hard-vote (or vote=attributes) these comma-separated predictions.csv "
+        "files, best first.",
+    )
 
 
 def ensemble_members(spec: str, experiment_id: str) -> list[str]:
@@ -126,33 +93,6 @@ def member_weights(spec: str, uris: list[str]) -> list[float] | None:
         raise SoupsError(f"weights={spec!r}: use val or one number per ensemble member") from None
 
 
-def write_atomically(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        frame.to_csv(f, index=False)
-    os.replace(tmp, path)
-
-
-def vote_on_files(paths: list[str], vote: str, attributes: Attributes | None = None) -> pd.DataFrame:
-    """Hard (or per-attribute) vote over predictions.csv files of the same images, best first."""
-    frames = []
-    for path in paths:
-        try:
-            frames.append(pd.read_csv(path))
-        except (OSError, pd.errors.ParserError) as e:
-            raise SoupsError(f"cannot read predictions {path}: {e}") from None
-    key, label = ("ImageID", "ans") if "ImageID" in frames[0].columns else ("path", "label")
-    for path, frame in zip(paths, frames, strict=True):
-        if not {key, label} <= set(frame.columns):
-            raise SoupsError(f"{path} lacks columns {key},{label}")
-        if frame[key].tolist() != frames[0][key].tolist():
-            raise SoupsError(f"{path} lists other images (or another order) than {paths[0]}")
-    labels = [frame[label].to_numpy() for frame in frames]
-    voted = attribute_vote(labels, attributes) if vote == "attributes" else hard_vote(labels)
-    return pd.DataFrame({key: frames[0][key], label: voted})
-
-
 def inference_note(model_uri: str, results: dict, images: int, unreadable: int, opts: InferOptions) -> str:
     """The inference run's description: which model (and ensemble) predicted what, how well."""
     lines = [f"**Predictions** for {images} images ({unreadable} unreadable) with `{model_uri}`"]
@@ -165,13 +105,27 @@ def inference_note(model_uri: str, results: dict, images: int, unreadable: int, 
     return "\n".join(lines)
 
 
-def infer(recipe: Recipe, opts: InferOptions) -> dict:
+@dataclass
+class InferResult:
+    """What one `infer` did: its run, each predictor's scores, the submission it wrote, and what
+    the model's soup run recorded (for the table beside it)."""
+
+    run_id: str
+    results: dict[str, Prediction]
+    frame: pd.DataFrame
+    skipped: list[str]
+    output: str
+    soup_run: dict[str, float]
+
+    @property
+    def rows(self) -> int:
+        return len(self.frame)
+
+
+def infer(recipe: Recipe, opts: InferOptions) -> InferResult:
     """Predict the recipe's test images with `model_uri` (and the ensemble, if any); log an
     inference run with predictions.csv. Returns what to print."""
-    if opts.tta not in TTA:
-        raise SoupsError(f"tta={opts.tta!r} must be one of {', '.join(TTA)}")
-    if opts.vote not in VOTES:
-        raise SoupsError(f"vote={opts.vote!r} must be one of {', '.join(VOTES)}")
+    checked(opts)
     attributes = layouts.get(recipe.layout).attributes
     if opts.vote == "attributes" and attributes is None:
         having = " or ".join(k for k, v in layouts.LAYOUTS.items() if v.attributes)
@@ -179,87 +133,33 @@ def infer(recipe: Recipe, opts: InferOptions) -> dict:
             f"vote=attributes needs the {having} layout (labels that combine attributes), not {recipe.layout}"
         )
     if opts.vote_files:
-        if opts.vote == "soft":
-            raise SoupsError("vote_files holds labels, not probabilities: use vote=hard or vote=attributes")
-        paths = [p.strip() for p in opts.vote_files.split(",") if p.strip()]
-        frame = vote_on_files(paths, opts.vote, attributes)
-        name = f"vote {opts.vote} of {len(paths)} files"
-        with tracking.start("inference", recipe.experiment, name=name) as run:
-            run.log_params({"vote_files": opts.vote_files, "vote": opts.vote})
-            run.describe(f"**{opts.vote.capitalize()} vote** of the predictions in: {opts.vote_files}")
-            run.log_table(frame, tracking.PREDICTIONS)
-        if opts.output:
-            write_atomically(frame, Path(opts.output))
-        return {
-            "run_id": run.id,
-            "results": {},
-            "rows": len(frame),
-            "skipped": [],
-            "output": opts.output,
-            "soup_run": {},
-            "frame": frame,
-        }
+        return vote_files(recipe, opts, attributes)
     model_uri = opts.model_uri or f"models:/{registered_name(recipe)}@{tracking.CHAMPION}"
-    device = default_device()
     short = f"@{tracking.CHAMPION}" if not opts.model_uri else model_uri
     name = f"infer {short}" + (f" vs {opts.ensemble}" if opts.ensemble else "")
     with tracking.start_step("inference", recipe, name) as run:
-        run.log_params(
-            {"model_uri": model_uri, "ensemble": opts.ensemble, "tta": opts.tta, "vote": opts.vote}
-        )
+        run.log_params(options.params(dataclasses.replace(opts, model_uri=model_uri)))
         main = load_checkpoint(tracking.checkpoint_for(model_uri))
         samples = layouts.inference_inputs(recipe, main.classes)
-        labelled = len(samples) and (samples.labels >= 0).all()
-        part = "test" if labelled else "inference"
+        part = "test" if len(samples) and (samples.labels >= 0).all() else "inference"
         run.log_datasets([data_part(recipe, part, samples, part)])
-        decoded: dict[int, data.Decoded] = {}
-
-        def pixels(size: int) -> data.Decoded:
-            if size not in decoded:  # decode once per image size
-                decoded[size] = data.decode(samples, size, recipe.workers, recipe.skip_bad, "decode")
-            return decoded[size]
-
+        pixels = Pixels(samples, recipe)
         images = pixels(main.img_size)
-        labels = images.labels
-        probs, spi = predict_member(main, images.pixels, opts.tta, device)
-        results = {"soup": score(Prediction(model_uri, probs, spi), labels)}
+        probs, spi = predict_member(main, images.pixels, opts.tta, default_device())
+        results = {"soup": score(Prediction(model_uri, probs, spi), images.labels)}
         uris = ensemble_members(opts.ensemble, run.experiment_id)
         if uris:
-            weights = member_weights(opts.weights, uris)
-            member_probs, total = [], 0.0
-            for uri in uris:  # one model in memory at a time; only its probabilities are kept
-                ckpt = load_checkpoint(tracking.checkpoint_for(uri))
-                if ckpt.classes != main.classes:
-                    raise SoupsError(f"ensemble member {uri} predicts other classes than {model_uri}")
-                p, s = predict_member(ckpt, pixels(ckpt.img_size).pixels, opts.tta, device)
-                member_probs.append(p)
-                total += s
-                log.info("ensemble member %s: %.2f ms per image", uri, 1000 * s)
-            if opts.vote == "soft":
-                combined = soft_vote(member_probs, weights)
-            else:
-                votes = [p.argmax(1).numpy() for p in member_probs]
-                label = hard_vote(votes) if opts.vote == "hard" else attribute_vote(votes, attributes)
-                combined = torch.nn.functional.one_hot(torch.from_numpy(label), len(main.classes)).float()
-            results["ensemble"] = score(
-                Prediction(f"{opts.vote} vote of {len(uris)}", combined, total), labels
-            )
-            log.info(
-                "an ensemble of %d models costs %d forward passes per image; the soup costs 1",
-                len(uris),
-                len(uris),
-            )
+            results["ensemble"] = predict_ensemble(uris, opts, main, pixels, attributes, images.labels)
+        soup = results["soup"]
         frame = submission(
             samples,
             images.keys,
-            results["soup"].probs.argmax(1).numpy(),
-            results["soup"].probs if opts.probs else None,
+            soup.probs.argmax(1).numpy(),
+            soup.probs if opts.probs else None,
             main.classes,
             recipe.layout,
         )
-        run.log_table(frame, tracking.PREDICTIONS)
-        if images.skipped:
-            run.log_table(pd.DataFrame({"unreadable": images.skipped}), tracking.SKIPPED)
+        run.log_predictions(frame, images.skipped)
         run.log_inference(
             {k: (v.accuracy, v.f1, v.seconds_per_image) for k, v in results.items()},
             len(samples),
@@ -269,12 +169,59 @@ def infer(recipe: Recipe, opts: InferOptions) -> dict:
             write_atomically(frame, Path(opts.output))
         soup_run = tracking.soup_metrics(model_uri)
         run.describe(inference_note(model_uri, results, len(samples), len(images.skipped), opts))
-    return {
-        "run_id": run.id,
-        "results": results,
-        "rows": len(frame),
-        "skipped": images.skipped,
-        "output": opts.output,
-        "soup_run": soup_run,
-        "frame": frame,
-    }
+    return InferResult(run.id, results, frame, images.skipped, opts.output, soup_run)
+
+
+class Pixels:
+    """The images decoded once per image size (ensemble members may differ in it)."""
+
+    def __init__(self, samples: data.Samples, recipe: Recipe):
+        self.samples, self.recipe, self.decoded = samples, recipe, {}
+
+    def __call__(self, size: int) -> data.Decoded:
+        if size not in self.decoded:
+            r = self.recipe
+            self.decoded[size] = data.decode(self.samples, size, r.workers, r.skip_bad, "decode")
+        return self.decoded[size]
+
+
+def predict_ensemble(
+    uris, opts: InferOptions, main: Checkpoint, pixels: Pixels, attributes, labels
+) -> Prediction:
+    """The ensemble's vote, one member in memory at a time (only its probabilities are kept)."""
+    weights = member_weights(opts.weights, uris)
+    member_probs, total = [], 0.0
+    for uri in uris:
+        ckpt = load_checkpoint(tracking.checkpoint_for(uri))
+        if ckpt.classes != main.classes:
+            raise SoupsError(f"ensemble member {uri} predicts other classes than the model")
+        p, s = predict_member(ckpt, pixels(ckpt.img_size).pixels, opts.tta, default_device())
+        member_probs.append(p)
+        total += s
+        log.info("ensemble member %s: %.2f ms per image", uri, 1000 * s)
+    if opts.vote == "soft":
+        combined = soft_vote(member_probs, weights)
+    else:
+        votes = [p.argmax(1).numpy() for p in member_probs]
+        label = hard_vote(votes) if opts.vote == "hard" else attribute_vote(votes, attributes)
+        combined = torch.nn.functional.one_hot(torch.from_numpy(label), len(main.classes)).float()
+    log.info(
+        "an ensemble of %d models costs %d forward passes per image; the soup costs 1", len(uris), len(uris)
+    )
+    return score(Prediction(f"{opts.vote} vote of {len(uris)}", combined, total), labels)
+
+
+def vote_files(recipe: Recipe, opts: InferOptions, attributes) -> InferResult:
+    """No model: a hard (or per-attribute) vote over earlier predictions.csv files."""
+    if opts.vote == "soft":
+        raise SoupsError("vote_files holds labels, not probabilities: use vote=hard or vote=attributes")
+    paths = [p.strip() for p in opts.vote_files.split(",") if p.strip()]
+    frame = vote_on_files(paths, opts.vote, attributes)
+    name = f"vote {opts.vote} of {len(paths)} files"
+    with tracking.start("inference", recipe.experiment, name=name) as run:
+        run.log_params(options.params(opts))
+        run.describe(f"**{opts.vote.capitalize()} vote** of the predictions in: {opts.vote_files}")
+        run.log_predictions(frame, [])
+    if opts.output:
+        write_atomically(frame, Path(opts.output))
+    return InferResult(run.id, {}, frame, [], opts.output, {})

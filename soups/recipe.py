@@ -16,94 +16,101 @@ import yaml
 
 from soups import SoupsError
 from soups.layouts import LAYOUTS
+from soups.options import option
 
 START_MODES = ("finetune", "probe")
-
-
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
 class Recipe:
     """Everything one fine-tune needs. Each field is also an entry-point option and a run param."""
 
-    experiment: str = _f("soups", "MLflow experiment for runs started outside `mlflow run`.")
-    data: str = _f("", "Dataset root folder.")
-    layout: str = _f(
+    experiment: str = option("soups", "MLflow experiment for runs started outside `mlflow run`.")
+    data: str = option("", "Dataset root folder.")
+    layout: str = option(
         "imagefolder",
         "Dataset layout: " + "; ".join(f"{k} ({v.help})" for k, v in LAYOUTS.items()) + ".",
         choices=tuple(LAYOUTS),
     )
-    model: str = _f("tf_efficientnet_lite0", "Any timm model name; its head is reset.")
-    pretrained: str = _f(
+    model: str = option("tf_efficientnet_lite0", "Any timm model name; its head is reset.")
+    pretrained: str = option(
         "none",
         "Initial weights: none | timm (hub, needs internet) | a .pt/.pth/.safetensors file | "
         "pkg:<module>/<file inside an installed package> | runs:/<id>/<path> | models:/<name>@<alias>.",
     )
-    start: str = _f(
+    start: str = option(
         "none",
         "Where sweep members start: none (the pretrained weights with a zero head) | auto (the newest "
         "start run of this experiment with the same model and split) | runs:/<id> | "
         "models:/<name>@<alias> | a soups checkpoint file. Loaded strictly, head included.",
     )
-    start_mode: str = _f(
+    start_mode: str = option(
         "finetune",
         "What the start step trains: finetune (every weight, start_epochs epochs of member i's draw) | "
         "probe (the head alone; give it a larger lr, e.g. 1e-2).",
         choices=START_MODES,
     )
-    start_epochs: int = _f(3, "Epochs of the start step (members then train `epochs` more).")
-    img_size: int = _f(224, "Square input size in pixels.")
-    batch_size: int = _f(32, "Images per optimisation step.")
-    epochs: int = _f(2, "Passes over the training split.")
-    lr: float = _f(1e-3, "Peak AdamW learning rate.")
-    weight_decay: float = _f(0.05, "AdamW weight decay.")
-    warmup: float = _f(0.1, "Fraction of steps spent warming up linearly before the cosine decay.")
-    clip_grad: float = _f(1.0, "Clip the gradient norm to this value (0 disables).")
-    label_smoothing: float = _f(0.1, "Label smoothing of the cross-entropy loss.")
-    ema: float = _f(
+    start_epochs: int = option(3, "Epochs of the start step (members then train `epochs` more).")
+    img_size: int = option(224, "Square input size in pixels.")
+    batch_size: int = option(32, "Images per optimisation step.")
+    epochs: int = option(2, "Passes over the training split.")
+    lr: float = option(1e-3, "Peak AdamW learning rate.")
+    weight_decay: float = option(0.05, "AdamW weight decay.")
+    warmup: float = option(0.1, "Fraction of steps spent warming up linearly before the cosine decay.")
+    clip_grad: float = option(1.0, "Clip the gradient norm to this value (0 disables).")
+    label_smoothing: float = option(0.1, "Label smoothing of the cross-entropy loss.")
+    ema: float = option(
         0.0,
         "Keep an exponential moving average of the weights with this decay (timm's ModelEmaV3, "
         "warmed up), validated and saved instead of the last weights (0: off).",
     )
-    aug: str = _f("light", "Training augmentation: none | light | medium | heavy.")
-    loss: str = _f(
+    aug: str = option("light", "Training augmentation: none | light | medium | heavy.")
+    loss: str = option(
         "cross_entropy",
         "Training loss: cross_entropy | focal | supcon (supervised contrastive on a projection head, "
         "added to cross-entropy).",
         choices=("cross_entropy", "focal", "supcon"),
     )
-    focal_gamma: float = _f(2.0, "Focusing exponent of the focal loss.")
-    supcon_weight: float = _f(0.1, "Weight of the supervised-contrastive term (loss=supcon).")
-    oversample: str = _f(
+    focal_gamma: float = option(2.0, "Focusing exponent of the focal loss.")
+    supcon_weight: float = option(0.1, "Weight of the supervised-contrastive term (loss=supcon).")
+    oversample: str = option(
         "",
         "Repeat these classes of the training split: comma-separated class names or indices, or "
         "`old` (every >=60 class of the mask layout). Never val or test images.",
     )
-    oversample_factor: int = _f(2, "How many times an oversampled image is seen per epoch in all.")
-    oversample_aug: str = _f("heavy", "Augmentation of the repeated images: none | light | medium | heavy.")
-    relabel: str = _f("", "Mask layout: YAML of label corrections by person id, applied at load time.")
-    age_bins: str = _f("30,60", "Mask layout: the two age boundaries, young < a <= middle < b <= old.")
-    seed: int = _f(0, "Seed for weight init of the head, data order and augmentation.")
-    val_ratio: float = _f(0.1, "Share of groups held out for validation (ranking and soups).")
-    test_ratio: float = _f(0.1, "Share of groups held out for testing, where the data has no test set.")
-    split_seed: int = _f(0, "Seed of the train/val/test split; ingredients of one soup share it.")
-    max_train: int = _f(0, "Use at most this many training images (0: all).")
-    max_val: int = _f(0, "Use at most this many validation images (0: all).")
-    max_test: int = _f(0, "Use at most this many test images (0: all).")
-    workers: int = _f(2, "Data-loader worker processes.")
-    cache_mb: int = _f(2048, "Keep decoded, resized images in memory when they fit in this many MiB.")
-    skip_bad: bool = _f(False, "Skip unreadable images (counted in the run) instead of failing.")
-    registered_model: str = _f(
+    oversample_factor: int = option(2, "How many times an oversampled image is seen per epoch in all.")
+    oversample_aug: str = option(
+        "heavy", "Augmentation of the repeated images: none | light | medium | heavy."
+    )
+    relabel: str = option("", "Mask layout: YAML of label corrections by person id, applied at load time.")
+    age_bins: str = option("30,60", "Mask layout: the two age boundaries, young < a <= middle < b <= old.")
+    seed: int = option(0, "Seed for weight init of the head, data order and augmentation.")
+    val_ratio: float = option(0.1, "Share of groups held out for validation (ranking and soups).")
+    test_ratio: float = option(0.1, "Share of groups held out for testing, where the data has no test set.")
+    split_seed: int = option(0, "Seed of the train/val/test split; ingredients of one soup share it.")
+    max_train: int = option(0, "Use at most this many training images (0: all).")
+    max_val: int = option(0, "Use at most this many validation images (0: all).")
+    max_test: int = option(0, "Use at most this many test images (0: all).")
+    workers: int = option(2, "Data-loader worker processes.")
+    save_every: int = option(
+        0,
+        "Keep the full training state (weights, optimizer, schedule, random state) as an artifact "
+        "every this many epochs, so that `finetune -P resume=<run id>` can continue the run (0: never).",
+    )
+    sync_bn: bool = option(
+        False, "With several processes (nproc or torchrun): BatchNorm statistics over the whole batch."
+    )
+    cache_mb: int = option(2048, "Keep decoded, resized images in memory when they fit in this many MiB.")
+    skip_bad: bool = option(False, "Skip unreadable images (counted in the run) instead of failing.")
+    registered_model: str = option(
         "",
         "Registered model name the soup step writes and infer reads [default: <data folder name>-soup].",
     )
-    description: str = _f("", "Markdown description of the experiment, set on it when it has none.")
-    system_metrics: bool = _f(
+    description: str = option("", "Markdown description of the experiment, set on it when it has none.")
+    system_metrics: bool = option(
         False, "Log CPU, memory and GPU use while the step runs (MLflow system metrics)."
     )
-    i: int = _f(0, "Index of this member of the sweep: seeds the draw from `space`.")
+    i: int = option(0, "Index of this member of the sweep: seeds the draw from `space`.")
     space: dict = field(
         default_factory=dict,
         metadata={"help": "Search space: field -> {log_uniform|uniform|int: [lo, hi]} or {choice: [...]}."},

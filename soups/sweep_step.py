@@ -8,218 +8,82 @@ until none is left, so together they run exactly the requested number."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
-import threading
-import time
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-import sqlalchemy
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from soups import SoupsError, Stopped, data, tracking
+from soups import SoupsError, Stopped, data, options, tracking
 from soups.finetune import finetune
-from soups.recipe import Recipe, draw, load_recipe
+from soups.options import checked, option
+from soups.recipe import Recipe, load_recipe
+from soups.sweep_study import (
+    RUN_ATTR,
+    DrawSampler,
+    claim,
+    distributions,
+    heartbeat,
+    member_index,
+    open_storage,
+    open_study,
+    storage_of,
+    suggest,
+    wait_for,
+)
 
 log = logging.getLogger(__name__)
 SAMPLERS = ("random", "tpe")
 PRUNERS = ("median", "none")
 PARENT_ATTR, EXPERIMENT_ATTR = "mlflow_parent_run_id", "mlflow_experiment_id"
 START_ATTR = "soups_start"  # the start every trial loads, resolved once by the study's creator
-RUN_ATTR = "mlflow_run_id"
-STORAGE_ENV = "SOUPS_OPTUNA_STORAGE"  # a storage URL with its password, kept out of every param
 
 
 @dataclass(frozen=True)
 class SweepOptions:
-    trials: int = 8
-    sampler: str = "random"
-    pruner: str = "median"
-    study: str = ""  # default: <experiment>-<recipe file stem>
-    storage: str = ""  # default: optuna.db beside a SQLite tracking store, else ./optuna.db
+    trials: int = option(8, "Trials in the study, all workers together.")
+    sampler: str = option(
+        "random",
+        "random: trial k draws what finetune -P i=k draws (the paper's random search); tpe: Optuna's TPE.",
+        choices=SAMPLERS,
+    )
+    pruner: str = option(
+        "median",
+        "median: stop a trial whose val_accuracy after an epoch is below the median of earlier "
+        "trials at that epoch (its run ends KILLED, tag soups.stopped, no checkpoint).",
+        choices=PRUNERS,
+    )
+    study: str = option(
+        "", "Optuna study name [default: <experiment>-<recipe file name>]; the same name resumes the study."
+    )
+    storage: str = option(
+        "",
+        "Optuna storage URL without a password, e.g. postgresql+psycopg2://user@host/db (the "
+        "password comes from PGPASSWORD or ~/.pgpass; MLflow records every -P value, so a URL holding "
+        "a password is refused) [default: $SOUPS_OPTUNA_STORAGE, else optuna.db beside a SQLite "
+        "tracking store].",
+    )
+    heartbeat: int = option(
+        60,
+        "Seconds between a worker's heartbeats; a trial silent for twice that (its worker was killed) "
+        "is failed, its run marked FAILED, and retried once by the next worker.",
+    )
     wait_s: float = 300.0  # how long a worker waits for the study's creator to name the parent run
-    heartbeat_s: int = 60  # a trial silent for twice this long (its worker died) is failed and retried
 
 
-def distributions(space: dict) -> dict[str, optuna.distributions.BaseDistribution]:
-    """The recipe's search space as Optuna distributions (for TPE and for Optuna's plots)."""
-    out = {}
-    for key, spec in space.items():
-        kind, arg = next(iter(spec.items()))
-        if kind == "choice":
-            out[key] = CategoricalDistribution(list(arg))
-        elif kind == "int":
-            out[key] = IntDistribution(int(arg[0]), int(arg[1]))
-        else:
-            out[key] = FloatDistribution(float(arg[0]), float(arg[1]), log=kind == "log_uniform")
-    return out
+@dataclass(frozen=True)
+class SweepResult:
+    """What this worker did, and where the study stands."""
 
-
-class DrawSampler(optuna.samplers.BaseSampler):
-    """Random search with the very draws of `finetune -P i=k`: trial k takes draw(space, k)."""
-
-    def __init__(self, space: dict):
-        self.space = space
-
-    def infer_relative_search_space(self, study, trial):
-        return {}
-
-    def sample_relative(self, study, trial, search_space):
-        return {}
-
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        return draw(self.space, trial.number)[param_name]
-
-
-def storage_of(given: str) -> str:
-    """The Optuna storage URL: `storage` without a password (libpq takes it from PGPASSWORD or
-    ~/.pgpass), else $SOUPS_OPTUNA_STORAGE, else SQLite beside the tracking store. A password in
-    `storage` is refused: `mlflow run` records every -P value as a param of the run."""
-    if given and tracking.has_password(given):
-        flagged = tracking.flag_project_run("its storage param holds a database password")
-        where = (
-            f"; run {flagged} records it among its params: delete it (mlflow runs delete --run-id "
-            f"{flagged}, then mlflow gc)"
-            if flagged
-            else ""
-        )
-        raise SoupsError(
-            f"storage={tracking.without_password(given)} carries a password, and parameters are recorded "
-            f"in MLflow: give the URL without it and the password in PGPASSWORD or ~/.pgpass, or the whole "
-            f"URL in ${STORAGE_ENV}{where}"
-        )
-    return given or os.environ.get(STORAGE_ENV) or default_storage()
-
-
-def default_storage() -> str:
-    uri = tracking.configure()
-    if uri.startswith("sqlite:///"):
-        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).with_name('optuna.db')}"
-    return f"sqlite:///{Path.cwd() / 'optuna.db'}"
-
-
-def open_storage(url: str, heartbeat_s: int = 60, attempts: int = 6) -> optuna.storages.RDBStorage:
-    """Optuna's storage at `url`, with Optuna's heartbeats: a worker records one every
-    `heartbeat_s` while it runs a trial, and a trial silent for twice that (its worker was killed)
-    is failed by the next worker that looks, its MLflow run marked FAILED, and retried once as a
-    new trial with the same hyperparameters. Workers that meet a fresh database at the same time
-    race to create its tables (PostgreSQL refuses the loser's duplicate types); the loser tries
-    again and finds them made."""
-    for attempt in range(attempts):
-        try:
-            return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=heartbeat_s,
-                grace_period=2 * heartbeat_s,
-                heartbeat_stale_trial_callback=abandon_and_retry,
-            )
-        except sqlalchemy.exc.SQLAlchemyError as e:
-            if attempt == attempts - 1:
-                raise SoupsError(
-                    f"cannot open Optuna storage {tracking.without_password(url)}: {e}".split("\n")[0]
-                ) from None
-            time.sleep(0.5 * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
-def abandon_and_retry(study: optuna.Study, trial) -> None:
-    """A trial whose worker stopped sending heartbeats: its run cannot finish, so say so in MLflow
-    (FAILED, with the reason), then queue it again with the same hyperparameters."""
-    run_id = trial.user_attrs.get(RUN_ATTR)
-    if run_id:
-        tracking.abandon(run_id, f"its sweep worker stopped sending heartbeats (trial {trial.number})")
-    with settled():
-        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)
-
-
-@contextmanager
-def settled() -> Iterator[None]:
-    """Optuna still calls its heartbeat helpers experimental (since 2.8/2.9): quiet that warning."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        yield
-
-
-def member_index(trial) -> int:
-    """The sweep member a trial trains: its own number, or the number of the trial it retries."""
-    with settled():
-        first = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
-    return trial.number if first is None else first
-
-
-@contextmanager
-def heartbeat(storage: optuna.storages.RDBStorage, trial_id: int, every_s: float) -> Iterator[None]:
-    """Record the trial's heartbeat every `every_s` while the body runs."""
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(every_s):
-            storage.record_heartbeat(trial_id)
-
-    storage.record_heartbeat(trial_id)
-    thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{trial_id}")
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
-def open_study(name: str, storage: str, sampler, pruner) -> tuple[optuna.Study, bool]:
-    """Create the study, or load it when another worker (or an earlier sweep) did. Returns it and
-    whether this worker created it."""
-    kw = dict(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
-    try:
-        return optuna.create_study(direction="maximize", **kw), True
-    except optuna.exceptions.DuplicatedStudyError:
-        return optuna.load_study(**kw), False
-
-
-def claim(study: optuna.Study, storage: optuna.storages.BaseStorage) -> optuna.Trial | None:
-    """Take one waiting trial for this worker (atomic in the storage), or None when none is left.
-    Trials abandoned by a killed worker are failed and queued again first."""
-    with settled():
-        optuna.storages.fail_stale_trials(study)
-    study_id = storage.get_study_id_from_name(study.study_name)
-    for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
-        try:
-            if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                return optuna.Trial(study, trial_id)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another worker finished it meanwhile
-    return None
-
-
-def suggest(trial: optuna.Trial, dists: dict) -> dict:
-    return {name: _suggest(trial, name, dist) for name, dist in dists.items()}
-
-
-def _suggest(trial: optuna.Trial, name: str, dist) -> object:
-    if isinstance(dist, CategoricalDistribution):
-        return trial.suggest_categorical(name, dist.choices)
-    if isinstance(dist, IntDistribution):
-        return trial.suggest_int(name, dist.low, dist.high)
-    return trial.suggest_float(name, dist.low, dist.high, log=dist.log)
-
-
-def _wait_for(study: optuna.Study, attr: str, wait_s: float):
-    deadline = time.time() + wait_s
-    while attr not in study.user_attrs:
-        if time.time() > deadline:
-            raise SoupsError(
-                f"study {study.study_name} has no {attr} after {wait_s:.0f} s: its creator died before "
-                "naming the parent run; start again with another -P study="
-            )
-        time.sleep(1.0)
-    return study.user_attrs[attr]
+    study: str
+    parent: str
+    ran: int
+    created: bool
+    complete: int
+    pruned: int
+    total: int
 
 
 def run_trial(study, trial, recipe_path, given: dict, dists: dict, parent, experiment: str) -> None:
@@ -235,10 +99,9 @@ def run_trial(study, trial, recipe_path, given: dict, dists: dict, parent, exper
             raise Stopped(f"pruned by Optuna after epoch {epoch}")
 
     tags = {tracking.TRIAL: trial.number, tracking.STUDY: study.study_name}
+    resume = resumable_attempt(study, frozen)
     try:
-        run_id = finetune(
-            recipe, parent, tags, prune, on_start=lambda rid: trial.set_user_attr(RUN_ATTR, rid)
-        )
+        run_id = finetune(recipe, parent, tags, prune, lambda rid: trial.set_user_attr(RUN_ATTR, rid), resume)
     except Stopped:
         study.tell(trial, state=TrialState.PRUNED)
         return
@@ -249,83 +112,87 @@ def run_trial(study, trial, recipe_path, given: dict, dists: dict, parent, exper
     study.tell(trial, value)
 
 
-def sweep(recipe_path: str, recipe: Recipe, given: dict, opts: SweepOptions) -> dict:
+def resumable_attempt(study: optuna.Study, trial) -> str:
+    """A retried trial (its worker was killed) continues its first attempt's run in place when that
+    run kept a training state (save_every); otherwise it trains from the start again."""
+    first = member_index(trial)
+    if first == trial.number:
+        return ""
+    earlier = next(t for t in study.get_trials(deepcopy=False) if t.number == first)
+    run_id = earlier.user_attrs.get(RUN_ATTR, "")
+    try:
+        return tracking.resumable(run_id).info.run_id if run_id else ""
+    except SoupsError as e:
+        log.info("trial %d trains again from the start: %s", trial.number, e)
+        return ""
+
+
+def sweep(recipe_path: str, recipe: Recipe, given: dict, opts: SweepOptions) -> SweepResult:
     """Run this worker's share of the study's trials; the last worker to finish writes the study's
     summary into the parent run. Returns what to print."""
-    if opts.sampler not in SAMPLERS:
-        raise SoupsError(f"sampler={opts.sampler!r} must be one of {', '.join(SAMPLERS)}")
-    if opts.pruner not in PRUNERS:
-        raise SoupsError(f"pruner={opts.pruner!r} must be one of {', '.join(PRUNERS)}")
+    checked(opts)
     if opts.trials < 1:
         raise SoupsError(f"trials={opts.trials} must be >= 1")
     space = {k: v for k, v in recipe.space.items() if k not in given}  # explicit values stay fixed
     if not space:
         raise SoupsError(f"recipe {recipe_path} has no search space left to sweep (`space:` in the YAML)")
-    dists = distributions(space)
     name = opts.study or f"{recipe.experiment}-{Path(recipe_path).stem}"
     storage_url = storage_of(opts.storage)
-    storage = open_storage(storage_url, opts.heartbeat_s)
-    # TPE unseeded: workers seeded alike would make the same start-up draws; constant_liar keeps
-    # workers from proposing what another one is trying right now.
-    sampler = (
-        DrawSampler(space)
-        if opts.sampler == "random"
-        else optuna.samplers.TPESampler(seed=None, constant_liar=True)
-    )
-    pruner = (
-        optuna.pruners.MedianPruner(n_warmup_steps=1)
-        if opts.pruner == "median"
-        else optuna.pruners.NopPruner()
-    )
+    storage = open_storage(storage_url, opts.heartbeat)
     own_run = tracking.take_project_run()  # the run `mlflow run` made for this worker, if any
-    study, created = open_study(name, storage, sampler, pruner)
+    study, created = open_study(name, storage, sampler_for(opts.sampler, space), pruner_for(opts.pruner))
     if created:
-        experiment_id = (
-            tracking.experiment_of(own_run) if own_run else tracking.experiment_id(recipe.experiment)
-        )
-        parent = tracking.sweep_parent(own_run, experiment_id, name, opts.trials)
-        parent.log_params(
-            {
-                "trials": opts.trials,
-                "sampler": opts.sampler,
-                "pruner": opts.pruner,
-                "study": name,
-                "storage": tracking.without_password(storage_url),
-            }
-        )
-        start = sweep_start(recipe, experiment_id)
-        parent.log_params({"start": start})
-        for _ in range(opts.trials):
-            study.enqueue_trial({})
-        study.set_user_attr(START_ATTR, start)
-        study.set_user_attr(EXPERIMENT_ATTR, experiment_id)
-        study.set_user_attr(PARENT_ATTR, parent.id)  # last: workers wait for this one
+        opts = dataclasses.replace(opts, study=name, storage=tracking.without_password(storage_url))
+        parent, experiment_id, start = create_parent(study, recipe, opts, own_run)
     else:
-        parent = tracking.Run(_wait_for(study, PARENT_ATTR, opts.wait_s))
+        parent = tracking.Run(wait_for(study, PARENT_ATTR, opts.wait_s))
         experiment_id = study.user_attrs[EXPERIMENT_ATTR]
         start = study.user_attrs.get(START_ATTR, recipe.start)
         if own_run:
             tracking.mark_sweep_worker(own_run, parent.id)
     given = {**given, "start": start}
     experiment = tracking.experiment_name(experiment_id)
-    done = 0
+    dists, done = distributions(space), 0
     while (trial := claim(study, storage)) is not None:
         log.info("trial %d of study %s", trial.number, name)
-        with heartbeat(storage, trial._trial_id, opts.heartbeat_s):
+        with heartbeat(storage, trial._trial_id, opts.heartbeat):
             run_trial(study, trial, recipe_path, given, dists, parent, experiment)
         done += 1
     states = [t.state for t in study.get_trials(deepcopy=False)]
     if not any(s in (TrialState.WAITING, TrialState.RUNNING) for s in states):
         summarise(study, parent)  # every worker that sees the study complete does it: idempotent
-    return {
-        "study": name,
-        "parent": parent.id,
-        "ran": done,
-        "created": created,
-        "complete": sum(s == TrialState.COMPLETE for s in states),
-        "pruned": sum(s == TrialState.PRUNED for s in states),
-        "total": len(states),
-    }
+    count = lambda state: sum(s == state for s in states)  # noqa: E731
+    return SweepResult(
+        name, parent.id, done, created, count(TrialState.COMPLETE), count(TrialState.PRUNED), len(states)
+    )
+
+
+def sampler_for(name: str, space: dict) -> optuna.samplers.BaseSampler:
+    # TPE unseeded: workers seeded alike would make the same start-up draws; constant_liar keeps
+    # workers from proposing what another one is trying right now.
+    if name == "random":
+        return DrawSampler(space)
+    return optuna.samplers.TPESampler(seed=None, constant_liar=True)
+
+
+def pruner_for(name: str) -> optuna.pruners.BasePruner:
+    return optuna.pruners.MedianPruner(n_warmup_steps=1) if name == "median" else optuna.pruners.NopPruner()
+
+
+def create_parent(study: optuna.Study, recipe: Recipe, opts: SweepOptions, own_run: str | None):
+    """The study's creator: the parent run, the start resolved once, and the trials enqueued."""
+    experiment_id = (
+        tracking.experiment_of_run(own_run) if own_run else tracking.ensure_experiment(recipe.experiment)
+    )
+    parent = tracking.sweep_parent(own_run, experiment_id, opts.study, opts.trials)
+    start = sweep_start(recipe, experiment_id)
+    tracking.log_sweep_setup(parent, options.params(opts), start)
+    for _ in range(opts.trials):
+        study.enqueue_trial({})
+    study.set_user_attr(START_ATTR, start)
+    study.set_user_attr(EXPERIMENT_ATTR, experiment_id)
+    study.set_user_attr(PARENT_ATTR, parent.id)  # last: workers wait for this one
+    return parent, experiment_id, start
 
 
 def sweep_start(recipe: Recipe, experiment_id: str) -> str:
@@ -342,21 +209,17 @@ def summarise(study: optuna.Study, parent: tracking.Run) -> None:
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if completed:
         best = study.best_trial
-        parent.log_metrics({"best_val_accuracy": best.value, "best_trial": best.number})
-        parent.set_tags(
-            {
-                "best_trial_run_id": best.user_attrs.get(RUN_ATTR, ""),
-                **{f"best.{k}": v for k, v in best.params.items()},
-            }
+        tracking.log_sweep_best(
+            parent, best.value, best.number, best.user_attrs.get(RUN_ATTR, ""), best.params
         )
     plots = {
-        "optimization_history.html": optuna.visualization.plot_optimization_history,
-        "param_importances.html": optuna.visualization.plot_param_importances,
-        "parallel_coordinate.html": optuna.visualization.plot_parallel_coordinate,
+        "optimization_history": optuna.visualization.plot_optimization_history,
+        "param_importances": optuna.visualization.plot_param_importances,
+        "parallel_coordinate": optuna.visualization.plot_parallel_coordinate,
     }
     for file, plot in plots.items():
         try:
-            parent.log_text(plot(study).to_html(include_plotlyjs=True), f"optuna/{file}")
+            tracking.log_sweep_plot(parent, file, plot(study).to_html(include_plotlyjs=True))
         except (ValueError, RuntimeError, ZeroDivisionError) as e:  # too few trials for the plot
             log.info("no %s: %s", file, e)
     parent.finish()

@@ -3,7 +3,8 @@ import pytest
 from PIL import Image
 
 from soups import SoupsError
-from soups.data import ImageDataset, decode, make_splits
+from soups.batches import ImageDataset
+from soups.data import decode, make_splits
 from soups.layouts import read_layout
 from soups.layouts.mask import age_bin, mask_classes, mask_label
 from tests.conftest import make_imagefolder, make_mask_dataset, write_image

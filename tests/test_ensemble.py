@@ -62,7 +62,7 @@ def test_unreadable_marks_abstain():
 def test_voting_over_prediction_files(tmp_path):
     import pandas as pd
 
-    from soups.infer_step import vote_on_files
+    from soups.predictions import vote_on_files
 
     ids = ["a.jpg", "b.jpg", "c.jpg"]
     files = []

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from soups import SoupsError, layouts, tracking
+from soups.batches import oversampled_classes, train_loader
 from soups.data import make_splits
-from soups.finetune import attribute_accuracy, finetune, oversampled_classes, train_loader
+from soups.evaluate import attribute_accuracy
+from soups.finetune import finetune
 from soups.layouts import read_layout
 from soups.layouts.mask import read_relabel
 from soups.losses import CrossEntropy, Focal, SupConPlusCE, supcon

@@ -204,17 +204,17 @@ def test_a_sweep_resolves_start_auto_once_for_every_trial(recipe_path, tracking_
     out = sweep_step.sweep(
         str(recipe_path), load_recipe(recipe_path, {"start": "auto"}), {"start": "auto"}, opts
     )
-    assert out["complete"] == 2 and later
+    assert out.complete == 2 and later
     children = runs_by_role("ingredient")
     assert len(children) == 2 and {r.data.tags[tracking.START_RUN] for r in children} == {first}
-    assert tracking.get_run(out["parent"]).data.params["start"] == f"runs:/{first}"
+    assert tracking.get_run(out.parent).data.params["start"] == f"runs:/{first}"
 
 
 def test_best_val_accuracy_is_the_best_epoch_not_the_last(recipe_path, tracking_uri, monkeypatch):
     """An ingredient whose val accuracy drops after epoch 1: the summary keeps epoch 1's."""
     import soups.finetune
 
-    def fit(model, loader, val, cfg, mean, std, device, report, *rest):
+    def fit(model, loader, val, cfg, mean, std, device, report, *rest, **keywords):
         for epoch, acc in ((1, 0.8), (2, 0.6)):
             report(epoch, {"val_accuracy": acc, "val_loss": 1.0, "train_loss": 1.0})
 

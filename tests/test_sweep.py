@@ -11,7 +11,7 @@ import optuna
 import pytest
 
 from soups.recipe import draw, load_recipe
-from soups.sweep_step import DrawSampler, distributions, suggest
+from soups.sweep_study import DrawSampler, distributions, suggest
 from tests.conftest import ROOT, TINY, mlflow_server, postgres_server, write_recipe
 
 pytestmark = pytest.mark.slow  # real processes: servers, `mlflow run`, workers
@@ -159,7 +159,8 @@ def test_a_pruned_trial_ends_killed_without_checkpoint_and_never_feeds_a_soup(
     tmp_path, tracking_uri, mask_root
 ):
     from soups import tracking
-    from soups.sweep_step import claim, run_trial
+    from soups.sweep_step import run_trial
+    from soups.sweep_study import claim
 
     recipe = write_recipe(
         tmp_path / "tiny.yaml",
@@ -177,7 +178,7 @@ def test_a_pruned_trial_ends_killed_without_checkpoint_and_never_feeds_a_soup(
         pruner=optuna.pruners.ThresholdPruner(lower=1.1),
     )  # always prunes
     study.enqueue_trial({})
-    parent = tracking.sweep_parent(None, tracking.experiment_id("pruned"), "p")
+    parent = tracking.sweep_parent(None, tracking.ensure_experiment("pruned"), "p")
     run_trial(study, claim(study, storage), str(recipe), {}, distributions(SPACE), parent, "pruned")
     assert claim(study, storage) is None
     assert study.get_trials()[0].state == optuna.trial.TrialState.PRUNED

@@ -52,7 +52,7 @@ def pipeline(tmp_path_factory, fmnist_root):
             os.environ.pop("MLFLOW_RUN_ID", None)  # mlflow consumes it when it resumes the run
             evaluation = evaluate_runs(load_recipe(recipe), {}).run_id
             soup = make_soup(load_recipe(recipe), {}, SoupOptions(compare="uniform", bn_recalibrate="off"))
-            inference = infer(load_recipe(recipe), InferOptions())["run_id"]
+            inference = infer(load_recipe(recipe), InferOptions()).run_id
             yield dict(
                 uri=uri,
                 client=client,

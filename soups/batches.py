@@ -1,0 +1,122 @@
+"""The training batches of a fine-tune: the training split with its augmentation, oversampled
+classes repeated, each process's share of every batch, and the random state a resumed run needs
+to draw the very batches an uninterrupted one would have."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from soups import SoupsError, data
+from soups.augment import pipeline
+from soups.distributed import SINGLE, RankBatches, World, check_batch
+from soups.recipe import Recipe
+
+
+def fits_in_memory(samples: data.Samples, size: int, cache_mb: int) -> bool:
+    return len(samples) * size * size * 3 <= cache_mb * 2**20
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(uint8 HxWx3 tensor, label) pairs, from decoded images or decoding on the fly."""
+
+    def __init__(self, source: data.Decoded | data.Samples, size: int, transform=None):
+        self.source, self.size, self.transform = source, size, transform
+
+    def __len__(self) -> int:
+        return len(self.source.labels)
+
+    def __getitem__(self, j: int):
+        if isinstance(self.source, data.Decoded):
+            img = self.source.pixels[j]
+        else:
+            img = data.resized(self.source.read(j), self.size)
+        if self.transform is not None:
+            img = self.transform(image=img)["image"]
+        return torch.from_numpy(np.ascontiguousarray(img)), int(self.source.labels[j])
+
+
+class TrainLoader(torch.utils.data.DataLoader):
+    """Shuffled batches of `recipe.batch_size` images (this process's share of them, with several),
+    drawn from one generator seeded by the recipe: the same seed gives the same batches."""
+
+    def __init__(self, dataset, recipe: Recipe, transforms: tuple, world: World = SINGLE):
+        share = check_batch(recipe.batch_size, world)
+        if world.parallel and share < 2:
+            raise SoupsError(f"batch_size={recipe.batch_size} leaves under 2 images per process")
+        generator = torch.Generator().manual_seed(recipe.seed)
+        batches = torch.utils.data.BatchSampler(
+            torch.utils.data.RandomSampler(dataset, generator=generator),
+            recipe.batch_size,
+            drop_last=len(dataset) > recipe.batch_size,  # a size-1 last batch breaks BatchNorm
+        )
+        self.transforms = [t for t in transforms if t is not None]
+        super().__init__(
+            dataset,
+            batch_sampler=RankBatches(batches, world) if world.parallel else batches,
+            num_workers=recipe.workers,
+            worker_init_fn=self._seed_worker,
+            generator=generator,
+            persistent_workers=False,
+        )
+
+    def _seed_worker(self, worker_id: int) -> None:  # distinct, reproducible augmentation per worker
+        for offset, t in enumerate(self.transforms):
+            t.set_random_seed((torch.initial_seed() + offset) % 2**32)
+
+    def rng_state(self) -> dict:
+        """What decides the next batches: the shuffling generator (worker seeds come from it too)
+        and the augmentations' own generators (used when there are no workers)."""
+        return {
+            "generator": self.generator.get_state(),
+            "transforms": [
+                (t.random_generator.bit_generator.state, t.py_random.getstate()) for t in self.transforms
+            ],
+        }
+
+    def set_rng_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        for t, (numpy_state, python_state) in zip(self.transforms, state["transforms"], strict=True):
+            t.random_generator.bit_generator.state = numpy_state
+            t.py_random.setstate(python_state)
+
+
+def oversampled_classes(spec: str, classes: list[str]) -> list[int]:
+    """Class indices named by `oversample`: names or indices, comma-separated, or `old`."""
+    picked = []
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        if item == "old":
+            old = [j for j, c in enumerate(classes) if c.rsplit("/", 1)[-1].startswith(">=")]
+            if not old:
+                raise SoupsError("oversample=old needs the mask layout's age classes")
+            picked += old
+        elif item in classes:
+            picked.append(classes.index(item))
+        elif item.isdigit() and int(item) < len(classes):
+            picked.append(int(item))
+        else:
+            raise SoupsError(f"oversample: {item!r} is not a class (classes: {', '.join(classes[:6])}, ...)")
+    return sorted(set(picked))
+
+
+def train_loader(splits: data.Splits, recipe: Recipe, world: World = SINGLE) -> tuple[TrainLoader, int]:
+    """Batches of the training split with the recipe's augmentation, plus the `oversample`
+    classes repeated with their own augmentation, drawn from the training split alone; decoded
+    images stay in memory when they fit in `cache_mb`. Returns the loader and how many images
+    were skipped as unreadable. With several processes, each loads its share of every batch."""
+    size, skipped = recipe.img_size, 0
+    source: data.Decoded | data.Samples = splits.train
+    if fits_in_memory(splits.train, size, recipe.cache_mb):
+        source = data.decode(splits.train, size, recipe.workers, recipe.skip_bad, "decode train")
+        skipped = len(source.skipped)
+    transform = pipeline(recipe.aug, size, recipe.seed)
+    parts = [ImageDataset(source, size, transform)]
+    extra_transform = None
+    if recipe.oversample and recipe.oversample_factor > 1:
+        targets = oversampled_classes(recipe.oversample, splits.train.classes)
+        rows = np.flatnonzero(np.isin(source.labels, targets))
+        extra_transform = pipeline(recipe.oversample_aug, size, recipe.seed + 1)
+        parts += [ImageDataset(source.subset(rows), size, extra_transform)] * (recipe.oversample_factor - 1)
+
+    dataset = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+    return TrainLoader(dataset, recipe, (transform, extra_transform), world), skipped

@@ -1,0 +1,110 @@
+"""Predictions as files: one model's (or an ensemble's) probabilities scored against labels, the
+submission table (one row per input image, unreadable ones marked), and votes over prediction
+files. Free of MLflow."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from soups import SoupsError, data, layouts
+from soups.ensemble import attribute_vote, hard_vote
+from soups.evaluate import confusion, macro_f1
+from soups.layouts import Attributes
+from soups.models import Checkpoint
+from soups.predict import Predictor
+
+BAD = -1  # the label of an image that could not be read
+
+
+@dataclass
+class Prediction:
+    name: str
+    probs: torch.Tensor  # N x C over the readable images
+    seconds_per_image: float
+    accuracy: float | None = None
+    f1: float | None = None
+
+
+def predict_member(ckpt: Checkpoint, pixels: np.ndarray, tta: str, device) -> tuple[torch.Tensor, float]:
+    """Class probabilities of one model (averaged over the TTA views) and its seconds per image."""
+    predictor = Predictor(ckpt, device)
+    start = time.perf_counter()
+    probs = predictor.probabilities(pixels)
+    if tta == "hflip":
+        probs = (probs + predictor.probabilities(np.ascontiguousarray(pixels[:, :, ::-1]))) / 2
+    return probs, (time.perf_counter() - start) / max(len(pixels), 1)
+
+
+def score(pred: Prediction, labels: np.ndarray) -> Prediction:
+    if len(labels) and (labels >= 0).all():
+        guess = pred.probs.argmax(1)
+        truth = torch.from_numpy(labels)
+        pred.accuracy = float((guess == truth).float().mean())
+        pred.f1 = macro_f1(confusion(guess, truth, pred.probs.shape[1]))
+    return pred
+
+
+def submission(
+    samples: data.Samples,
+    readable: list[str],
+    labels: np.ndarray,
+    probs: torch.Tensor | None,
+    classes: list[str],
+    layout: str,
+) -> pd.DataFrame:
+    """One row per input image, in input order; unreadable images get label -1 (never dropped).
+    A layout with its own submission format (the mask competition's) writes that instead."""
+    by_key = dict(zip(readable, labels.tolist(), strict=True))
+    column = [by_key.get(k, BAD) for k in samples.keys]
+    if (own := layouts.get(layout).submission) is not None:
+        return own(samples, column)
+    frame = pd.DataFrame(
+        {
+            "path": samples.keys,
+            "label": column,
+            "class_name": [classes[c] if c != BAD else "<unreadable>" for c in column],
+        }
+    )
+    if probs is not None:
+        rows = {k: j for j, k in enumerate(readable)}
+        full = np.full((len(samples), len(classes)), np.nan, np.float32)
+        for j, k in enumerate(samples.keys):
+            if k in rows:
+                full[j] = probs[rows[k]].numpy()
+        frame = pd.concat([frame, pd.DataFrame(full, columns=[f"p_{c}" for c in classes])], axis=1)
+    return frame
+
+
+def write_atomically(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        frame.to_csv(f, index=False)
+    os.replace(tmp, path)
+
+
+def vote_on_files(paths: list[str], vote: str, attributes: Attributes | None = None) -> pd.DataFrame:
+    """Hard (or per-attribute) vote over predictions.csv files of the same images, best first."""
+    frames = []
+    for path in paths:
+        try:
+            frames.append(pd.read_csv(path))
+        except (OSError, pd.errors.ParserError) as e:
+            raise SoupsError(f"cannot read predictions {path}: {e}") from None
+    key, label = ("ImageID", "ans") if "ImageID" in frames[0].columns else ("path", "label")
+    for path, frame in zip(paths, frames, strict=True):
+        if not {key, label} <= set(frame.columns):
+            raise SoupsError(f"{path} lacks columns {key},{label}")
+        if frame[key].tolist() != frames[0][key].tolist():
+            raise SoupsError(f"{path} lists other images (or another order) than {paths[0]}")
+    labels = [frame[label].to_numpy() for frame in frames]
+    voted = attribute_vote(labels, attributes) if vote == "attributes" else hard_vote(labels)
+    return pd.DataFrame({key: frames[0][key], label: voted})

@@ -1,0 +1,112 @@
+"""The ingredients of a soup: which ranked runs can join it (same model, split and start), their
+checkpoints loaded one at a time through the cache, the start they share, and the held-out
+images every candidate is scored on."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+
+from soups import SoupsError, data, tracking
+from soups.evaluate import EvalSet
+from soups.models import Checkpoint, create_model, load_checkpoint, weights_digest
+from soups.recipe import Recipe
+from soups.soup import Candidate, StateDict
+
+
+def incompatible(run, top) -> str | None:
+    """Why `run` cannot join a soup started from the top-ranked run, judged from what it logged."""
+    mine, ref = run.data.params, top.data.params
+    for key in ("model", "num_classes"):
+        if mine.get(key) != ref.get(key):
+            return f"incompatible: {key} {mine.get(key)} differs from the top run's {ref.get(key)}"
+    split, top_split = tracking.split_of(run), tracking.split_of(top)
+    if split != top_split:
+        return f"incompatible: split {split} differs from the top run's {top_split}"
+    start, top_start = tracking.start_of(run), tracking.start_of(top)
+    if start is None:
+        return f"no {tracking.START} tag: its starting weights are unknown; fine-tune it again to use it"
+    if start != top_start:
+        return (
+            f"incompatible: started from weights {start[:12]}… ({start_name(run)}), the top run from "
+            f"{(top_start or '?')[:12]}… ({start_name(top)}): averaging fine-tunes of different starts "
+            "lands between basins"
+        )
+    return None
+
+
+def start_name(run) -> str:
+    start_run = tracking.start_run_of(run)
+    return f"start run {start_run}" if start_run else f"pretrained={run.data.params.get('pretrained')}"
+
+
+class Ingredients:
+    """Loads ranked runs' checkpoints lazily, one at a time, through the on-disk cache."""
+
+    def __init__(self, runs: list, top):
+        self.runs, self.top, self.downloaded = runs, top, 0
+        self.meta: Checkpoint | None = None
+
+    def load(self, run) -> dict:
+        if reason := incompatible(run, self.top):
+            raise SoupsError(reason)
+        path, fresh = tracking.cached_checkpoint(run)
+        self.downloaded += fresh
+        ckpt = load_checkpoint(path)
+        if ckpt.model != self.top.data.params.get("model") or ckpt.split != tracking.split_of(self.top):
+            raise SoupsError(f"checkpoint of run {run.info.run_id} disagrees with its run's params and tags")
+        if self.meta is None:
+            self.meta = Checkpoint(
+                {}, ckpt.model, ckpt.num_classes, ckpt.classes, ckpt.img_size, ckpt.split, ckpt.mean, ckpt.std
+            )
+        return ckpt.state_dict
+
+    def candidates(self):
+        return (Candidate(r.info.run_id, partial(self.load, r)) for r in self.runs)
+
+
+def start_weights(top, ref: Recipe, num_classes: int) -> StateDict:
+    """The exact weights the ingredients started from, checked against their `soups.start` tag: the
+    start run's checkpoint, or the pretrained weights rebuilt as `finetune` built them."""
+    expected, start_run = tracking.start_of(top), tracking.start_run_of(top)
+    if start_run:
+        try:
+            state = load_checkpoint(tracking.cached_checkpoint(tracking.get_run(start_run))[0]).state_dict
+        except SoupsError as e:
+            raise SoupsError(f"start run {start_run} of the ingredients: {e}") from None
+        where = f"start run {start_run}"
+    else:
+        pretrained = ref.pretrained
+        if tracking.is_mlflow_uri(pretrained):
+            pretrained = str(tracking.checkpoint_for(pretrained))
+        state = create_model(ref.model, num_classes, pretrained).state_dict()
+        where = f"pretrained={ref.pretrained} rebuilt here"
+    if weights_digest(state) != expected:
+        raise SoupsError(
+            f"the start weights ({where}) have digest {weights_digest(state)[:12]}…, the ingredients "
+            f"started from {(expected or '?')[:12]}…: the start is not available as it was"
+        )
+    return state
+
+
+def held_out_sets(splits: data.Splits, recipe: Recipe, num_classes: int, bn_images: int | None):
+    """val and test decoded once, and `bn_images` training images (0: all; None: none) to
+    recompute BatchNorm statistics of averaged weights."""
+    # skip_bad as the ingredients had it: their val_accuracy left the same unreadable images out.
+    decode = partial(data.decode, size=recipe.img_size, workers=recipe.workers, skip_bad=recipe.skip_bad)
+    val = EvalSet.from_decoded(decode(splits.val, desc="decode val"), num_classes)
+    test = (
+        EvalSet.from_decoded(decode(splits.test, desc="decode test"), num_classes)
+        if len(splits.test)
+        else None
+    )
+    bn = None
+    if bn_images is not None:
+        train = splits.train
+        if bn_images and len(train) > bn_images:
+            train = train.subset(
+                np.sort(np.random.default_rng(0).choice(len(train), bn_images, replace=False))
+            )
+        bn = EvalSet.from_decoded(decode(train, desc="decode train (BatchNorm)"), num_classes)
+    return val, test, bn

@@ -1,0 +1,129 @@
+"""What a soup run shows: its name, its Markdown description, the curve and val-vs-test
+figures, and the checkpoint registered with its lineage."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from soups import plots, tracking
+from soups.models import Checkpoint, save_checkpoint
+from soups.soup import METHODS
+
+if TYPE_CHECKING:
+    from soups.soup_step import Gathered, SoupReport
+
+log = logging.getLogger(__name__)
+BASELINE = "uniform"  # always reported beside the chosen method
+
+
+def soup_name(report: SoupReport) -> str:
+    """`greedy soup 2/4 (+0.40 val)`: method, ingredients kept of usable, val gain in points."""
+    chosen = report.chosen
+    gain = 100 * (chosen.val_accuracy - report.best_val_accuracy)
+    return f"{report.method} soup {chosen.n_ingredients}/{report.n_usable} ({gain:+.2f} val)"
+
+
+def soup_note(report: SoupReport, g: Gathered, experiment_id: str) -> str:
+    """The soup run's description: method, start, each ingredient with its link, score and the
+    decision, and the result beside the best ingredient and the other methods."""
+    method_ = METHODS[report.method]
+    start_run = tracking.start_run_of(g.top)
+    start = (
+        tracking.run_link(start_run, experiment_id, f"start run {start_run[:8]}")
+        if start_run
+        else f"the pretrained weights (`{g.ref.pretrained}`)"
+    )
+    rows = [
+        f"| {row['rank']} | {tracking.run_link(row['run_id'], g.top.info.experiment_id)} | {row['i']} | "
+        f"{pct(row['val_accuracy'])} | {pct(row['soup_val_accuracy'])} | {row['status']} | {row['reason']} |"
+        for row in report.table.to_dict("records")
+    ]
+    others = [
+        f"| {d.method} | {pct(d.val_accuracy)} | {pct(d.test_accuracy)} | {d.n_ingredients} |"
+        for d in report.dishes
+    ]
+    return "\n".join(
+        [
+            f"**{report.method} soup** ({method_.paper}) of {report.n_usable} usable ingredients, "
+            f"{report.chosen.n_ingredients} kept; they started from {start}, weights "
+            f"`{(tracking.start_of(g.top) or '?')[:12]}`; split `{g.splits.fingerprint}`.",
+            "",
+            "| rank | run | i | val | soup val after it | decision | why |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            *rows,
+            "",
+            f"Best ingredient: val {pct(report.best_val_accuracy)}, test {pct(report.best_test_accuracy)}.",
+            "",
+            "| method | val | test | ingredients |",
+            "| --- | --- | --- | --- |",
+            *others,
+        ]
+    )
+
+
+def pct(x) -> str:
+    return "-" if x is None or pd.isna(x) else f"{100 * x:.2f}%"
+
+
+def publish(run, report: SoupReport, g: Gathered, meta: Checkpoint, held_out: int, name: str) -> None:
+    run.log_soup(report)
+    run.rename(soup_name(report))
+    run.describe(soup_note(report, g, run.experiment_id))
+    chosen = report.chosen
+    uniform = next((d for d in report.dishes if d.method == BASELINE and d.n_ingredients > 1), None)
+    run.log_figure(
+        plots.soup_curve(
+            chosen.result,
+            METHODS[chosen.method].curve_x,
+            list(report.table.val_accuracy),
+            uniform.val_accuracy if uniform else None,
+        ),
+        tracking.SOUP_CURVE,
+    )
+    if report.best_test_accuracy is not None:
+        points = [
+            (v, t)
+            for v, t in zip(report.table.val_accuracy, report.table.test_accuracy, strict=True)
+            if t is not None and not pd.isna(t)
+        ]
+        marked = {f"{d.method} soup": (d.val_accuracy, d.test_accuracy) for d in report.dishes if d.result}
+        run.log_figure(plots.val_vs_test(points, marked), tracking.VAL_VS_TEST)
+    soup = Checkpoint(
+        chosen.state,
+        meta.model,
+        meta.num_classes,
+        meta.classes,
+        meta.img_size,
+        meta.split,
+        meta.mean,
+        meta.std,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / tracking.CHECKPOINT_FILE
+        run.log_checkpoint(path, save_checkpoint(soup, path))
+        lineage = tracking.Lineage(
+            soup_run=run.id,
+            method=report.method,
+            ingredients=list(chosen.result.ingredients),
+            start=tracking.start_of(g.top) or "",
+            start_run=tracking.start_run_of(g.top) or "",
+            split=g.splits.fingerprint,
+            val_accuracy=chosen.val_accuracy,
+            test_accuracy=chosen.test_accuracy,
+        )
+        note = (
+            f"{soup_name(report)} from "
+            f"{tracking.run_link(run.id, run.experiment_id, 'soup run ' + run.id[:8])}: "
+            f"val {pct(chosen.val_accuracy)}, test {pct(chosen.test_accuracy)} (best ingredient "
+            f"{pct(report.best_val_accuracy)} / {pct(report.best_test_accuracy)}). Ingredients: "
+            + ", ".join(tracking.run_link(r, g.top.info.experiment_id) for r in chosen.result.ingredients)
+        )
+        version, report.registry = run.register(
+            path, name, chosen.val_accuracy, g.splits.fingerprint, lineage, note
+        )
+    log.info("registered %s version %d; %s", name, version, report.registry)

@@ -1,0 +1,129 @@
+"""The MLflow contract (../DESIGN.md): the one package that knows MLflow's API and every name the
+steps share (params, metrics, tags, artifact paths). Nothing else in soups imports mlflow.
+
+- `names`: every tag, param, metric and artifact name, defined once
+- `server`: which server, whether it answers, one-line errors, safe search literals
+- `lifecycle`: experiments (ensured), a run's start, name, description and end
+- `runs`: one run and what the steps log into it
+- `search`: finding and reading runs (never changes one)
+- `checkpoints`: a run's or model's checkpoint as a checked local file
+- `sweeps`: a sweep's parent run, its setup, best trial and plots
+- `resume`: a run's training state kept and the run reopened in place
+- `registry`: registering a soup with its lineage and the `champion` alias
+- `served_model`: the soup as `mlflow models serve` runs it
+"""
+
+from soups.tracking.checkpoints import (  # noqa: F401
+    cache_root,
+    cached_checkpoint,
+    checkpoint_for,
+    is_mlflow_uri,
+)
+from soups.tracking.lifecycle import (  # noqa: F401
+    abandon,
+    describe_experiment,
+    ensure_experiment,
+    flag_project_run,
+    generated_name,
+    run_link,
+    start,
+    start_step,
+    take_project_run,
+)
+from soups.tracking.names import (  # noqa: F401
+    BEST_PARAM_PREFIX,
+    BEST_TRIAL_RUN,
+    CACHE_ENV,
+    CHAMPION,
+    CHAMPION_WHY,
+    CHECKPOINT,
+    CHECKPOINT_DIR,
+    CHECKPOINT_FILE,
+    EXPERIMENT_KIND,
+    HOLDS_SECRET,
+    INGREDIENT_RUNS,
+    INGREDIENTS,
+    MAX_NOTE_LENGTH,
+    MAX_PARAM_LENGTH,
+    MAX_PARAMS_PER_BATCH,
+    METHOD,
+    MODEL_NAME,
+    NOTE,
+    OPTUNA_PLOTS,
+    PER_CLASS_ERRORS,
+    PREDICTIONS,
+    RANK_METRIC,
+    RECIPE,
+    ROLE,
+    SCORES,
+    SHA256,
+    SKIPPED,
+    SOUP_CURVE,
+    SOUP_RUN,
+    SOUP_STEP_METRIC,
+    SPLIT,
+    START,
+    START_RUN,
+    STOPPED,
+    STUDY,
+    SWEEP_PARENT,
+    TEST_METRIC,
+    TRIAL,
+    VAL_VS_TEST,
+    confusion_figure,
+    gallery_figure,
+)
+from soups.tracking.registry import (  # noqa: F401
+    Lineage,
+    model_version,
+    promote,
+    register,
+)
+from soups.tracking.resume import keep_training_state, resumable, training_state  # noqa: F401
+from soups.tracking.runs import (  # noqa: F401
+    DataPart,
+    Run,
+    log_scores,
+)
+from soups.tracking.search import (  # noqa: F401
+    experiment_name,
+    experiment_of_run,
+    find_experiment,
+    get_run,
+    has_score,
+    ingredient_filter,
+    newest_start,
+    parent_filter,
+    rank_score,
+    ranked_ingredients,
+    role_of,
+    run_of,
+    run_params,
+    soup_metrics,
+    split_of,
+    start_of,
+    start_run_of,
+    val_accuracy_of,
+)
+from soups.tracking.server import (  # noqa: F401
+    QUIET_DEFAULTS,
+    RUN_ID,
+    Unreachable,
+    check_access,
+    checked_run_id,
+    configure,
+    create_store,
+    default_tracking_uri,
+    has_password,
+    is_unreachable,
+    quote,
+    raising_unreachable,
+    without_password,
+)
+from soups.tracking.sweeps import (  # noqa: F401
+    log_sweep_best,
+    log_sweep_plot,
+    log_sweep_setup,
+    mark_sweep_worker,
+    sweep_parent,
+)

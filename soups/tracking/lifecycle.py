@@ -1,0 +1,180 @@
+"""A run's life: the experiment it lives in (created when missing), its start under `mlflow run`
+or on its own, its name and description, and how it ends (FINISHED, FAILED, KILLED)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from soups import SoupsError, Stopped
+from soups.tracking.names import EXPERIMENT_KIND, HOLDS_SECRET, NOTE, ROLE, STOPPED
+from soups.tracking.runs import Run
+from soups.tracking.server import checked_run_id, configure
+
+log = logging.getLogger(__name__)
+
+
+def ensure_experiment(name: str) -> str:
+    """Id of experiment `name`, creating it if needed (a concurrent creator wins harmlessly)."""
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise SoupsError(
+                f"experiment {name!r} is deleted: restore it (`mlflow experiments restore`) "
+                "or pick another name"
+            )
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+@contextmanager
+def start(
+    role: str,
+    experiment: str,
+    parent: Run | None = None,
+    tags: dict | None = None,
+    *,
+    name: str = "",
+    system_metrics: bool = False,
+    experiment_note: str = "",
+    resume: str = "",
+) -> Iterator[Run]:
+    """Attach to the run `mlflow run` created (MLFLOW_RUN_ID), or start one in `experiment`; with
+    `parent`, start a child run in the parent's experiment. The run is named `name` unless the
+    user named it (`mlflow run --run-name`); with `system_metrics`, MLflow samples CPU, memory and
+    GPU use while it runs. An experiment without a description gets `experiment_note`. The run
+    ends FINISHED, FAILED on an exception, KILLED on Ctrl-C or when training was stopped early
+    (`soups.Stopped`). With `resume`, that run is reopened instead and keeps its name."""
+    configure()
+    run_id = None if parent else os.environ.get("MLFLOW_RUN_ID")
+    kw = {"log_system_metrics": True} if system_metrics else {}
+    if resume:
+        from soups.tracking.resume import reopen
+
+        active, run_id, name = reopen(resume, **kw), resume, ""
+    elif run_id:  # under `mlflow run`: never set_experiment here, it raises
+        active = mlflow.start_run(run_id=run_id, **kw)
+    elif parent:
+        active = mlflow.start_run(
+            experiment_id=parent.experiment_id, parent_run_id=parent.id, run_name=name or None, **kw
+        )
+    else:
+        active = mlflow.start_run(experiment_id=ensure_experiment(experiment), run_name=name or None, **kw)
+    try:
+        mlflow.set_tags({ROLE: role, **(tags or {})})
+        run = Run(active.info.run_id, named_by_user=bool(run_id) and not generated_name(active.info.run_name))
+        if name:
+            run.rename(name)
+        describe_experiment(active.info.experiment_id, experiment_note)
+        yield run
+    except Stopped as e:
+        _end("KILLED", {STOPPED: str(e)})
+        raise
+    except KeyboardInterrupt:
+        _end("KILLED")
+        raise
+    except BaseException:
+        _end("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def start_step(
+    role: str, recipe, name: str, parent: Run | None = None, tags: dict | None = None, resume: str = ""
+):
+    """`start` for a step's run from its recipe: the recipe's experiment, its description for the
+    experiment and its choice of system metrics."""
+    return start(
+        role,
+        recipe.experiment,
+        parent,
+        tags,
+        name=name,
+        system_metrics=recipe.system_metrics,
+        experiment_note=recipe.description,
+        resume=resume,
+    )
+
+
+def describe_experiment(experiment_id: str, note: str) -> None:
+    """Give an experiment its description and open it in the UI's model-training view, unless it
+    has them already (a description someone wrote is never replaced)."""
+    client = MlflowClient()
+    tags = client.get_experiment(experiment_id).tags
+    if note and not tags.get(NOTE):
+        client.set_experiment_tag(experiment_id, NOTE, note)
+    if EXPERIMENT_KIND not in tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, "custom_model_development")
+
+
+def generated_name(name: str | None) -> bool:
+    """Whether a run name is one MLflow made up (`calm-hound-118`), not one a person gave."""
+    if not name:
+        return True
+    parts = name.split("-")
+    if len(parts) != 3 or not parts[2].isdigit():
+        return False
+    try:
+        from mlflow.utils.name_utils import _GENERATOR_NOUNS, _GENERATOR_PREDICATES
+    except ImportError:  # the word lists moved: fall back to the shape alone
+        return parts[0].isalpha() and parts[1].isalpha()
+    return parts[0] in _GENERATOR_PREDICATES and parts[1] in _GENERATOR_NOUNS
+
+
+def run_link(run_id: str, experiment_id: str, label: str = "") -> str:
+    """A Markdown link to a run's page, as the UI resolves it from a description."""
+    return f"[{label or run_id[:8]}](#/experiments/{experiment_id}/runs/{run_id})"
+
+
+def _end(status: str, tags: dict | None = None) -> None:
+    """End the active run after a failure, with the tags that say why. When the server cannot be
+    reached the run stays RUNNING there (never an ingredient) and the original error is the one
+    the user sees."""
+    try:
+        if tags:
+            mlflow.set_tags(tags)
+        mlflow.end_run(status)
+    except Exception as e:  # the server is gone: say so, do not mask the error that ended the run
+        log.warning(
+            "could not mark the run %s on %s: %s", status, mlflow.get_tracking_uri(), str(e).splitlines()[0]
+        )
+
+
+def take_project_run() -> str | None:
+    """The run `mlflow run` created for this process, taken out of the environment so that the
+    runs this process starts itself (sweep trials) never attach to it."""
+    configure()
+    return os.environ.pop("MLFLOW_RUN_ID", None)
+
+
+def abandon(run_id: str, why: str) -> None:
+    """Mark a run whose process is gone FAILED (it never logged a checkpoint), with the reason."""
+    client = MlflowClient()
+    try:
+        if client.get_run(checked_run_id(run_id)).info.status == "RUNNING":
+            client.set_tag(run_id, STOPPED, why)
+            client.set_terminated(run_id, "FAILED")
+    except MlflowException as e:
+        log.warning("could not mark run %s FAILED: %s", run_id, str(e).splitlines()[0])
+
+
+def flag_project_run(why: str) -> str | None:
+    """Tag the run `mlflow run` made for this process as holding a secret in its params (MLflow
+    cannot take a param back, and `mlflow run` must still end the run); returns its id."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        MlflowClient().set_tag(run_id, HOLDS_SECRET, why)
+    return run_id

@@ -1,0 +1,77 @@
+"""Resuming a run in place: its latest full training state kept as an artifact every few epochs,
+and a run that died (SIGKILL, preemption, a lost server) reopened under its own id."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from soups import SoupsError
+from soups.tracking.lifecycle import run_link
+from soups.tracking.names import NOTE, RESUMED, ROLE, STATE_EPOCH, TRAINING_STATE
+from soups.tracking.runs import Run
+from soups.tracking.search import get_run
+from soups.tracking.server import raising_unreachable
+
+RESUMABLE = ("ingredient", "start")
+
+
+def keep_training_state(run: Run, state: dict, epoch: int) -> None:
+    """Replace the run's training state with `state` (after `epoch`); the tag moves only once the
+    artifact is whole, so a kill mid-upload leaves the previous state the one to resume."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(TRAINING_STATE).name
+        torch.save(state, path)
+        with raising_unreachable():
+            run.client.log_artifact(run.id, str(path), str(Path(TRAINING_STATE).parent))
+            run.client.set_tag(run.id, STATE_EPOCH, str(epoch))
+
+
+def resumable(run_id: str):
+    """The run to continue, or a one-line reason it cannot be."""
+    run = get_run(run_id)
+    role, status = run.data.tags.get(ROLE), run.info.status
+    if role not in RESUMABLE:
+        raise SoupsError(
+            f"resume={run_id}: a {role or 'non-soups'} run, only {' or '.join(RESUMABLE)} runs resume"
+        )
+    if status == "FINISHED":
+        raise SoupsError(f"resume={run_id}: the run FINISHED; nothing is left to train")
+    if STATE_EPOCH not in run.data.tags:
+        raise SoupsError(
+            f"resume={run_id}: the run kept no training state (fine-tune with -P save_every=K to keep one)"
+        )
+    return run
+
+
+def training_state(run_id: str) -> dict:
+    """The run's latest training state (weights, optimizer, schedule, random state, best epoch)."""
+    run = resumable(run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = MlflowClient().download_artifacts(run.info.run_id, TRAINING_STATE, tmp)
+        except (MlflowException, OSError) as e:
+            raise SoupsError(
+                f"resume={run_id}: training state cannot be downloaded: {str(e).splitlines()[0]}"
+            ) from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def reopen(run_id: str, **kw):
+    """Start `run_id` again (MLflow sets it RUNNING). The run `mlflow run` made for this process,
+    if any, is labelled as the one that resumed it, and left for `mlflow run` to end."""
+    run = resumable(run_id)
+    launcher = os.environ.pop("MLFLOW_RUN_ID", None)
+    if launcher and launcher != run_id:
+        client = MlflowClient()
+        client.set_tag(launcher, ROLE, "resume")
+        client.set_tag(launcher, RESUMED, run_id)
+        client.set_tag(launcher, NOTE, f"Resumed {run_link(run_id, run.info.experiment_id)} in place.")
+        client.update_run(launcher, name=f"resume {run_id[:8]}")
+    return mlflow.start_run(run_id=run_id, **kw)

@@ -1,0 +1,82 @@
+"""The code's shape, checked: MLflow stays inside `soups/tracking/`, the names it gives things are
+spelled only there, and no module or function grows past what one reader holds in mind
+(docs/ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACKING = ROOT / "soups" / "tracking"
+CODE = sorted([*(ROOT / "soups").rglob("*.py"), *(ROOT / "entrypoints").glob("*.py")])
+OUTSIDE = [p for p in CODE if TRACKING not in p.parents]
+# Methods of tracking.Run whose first argument names things in MLflow (params, metrics, tags) or is
+# an artifact path: outside the tracking package those must come from a declaration, not a literal.
+NAMING_CALLS = {"log_params", "log_metrics", "log_summary", "set_tags", "log_table", "log_text", "log_figure"}
+ARTIFACT_CALLS = {"log_table", "log_text", "log_figure"}  # (content, artifact path)
+TAG_NAME = re.compile(r"^(soups|mlflow)\.[a-z_.]+$")
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 300, 60
+
+
+def rel(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if ROOT in path.parents else path.name
+
+
+def tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(), filename=str(path))
+
+
+@pytest.mark.parametrize("path", OUTSIDE, ids=rel)
+def test_only_the_tracking_package_imports_mlflow(path):
+    for node in ast.walk(tree(path)):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        assert not [n for n in names if n.split(".")[0] == "mlflow"], (
+            f"{rel(path)}:{node.lineno} imports mlflow"
+        )
+
+
+def naming_literals(path: Path) -> list[str]:
+    """Where a module outside tracking spells an MLflow name: a tag-like string, or a literal name
+    (dict key or artifact path) handed straight to a Run method that names things."""
+    found = []
+    for node in ast.walk(tree(path)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and TAG_NAME.match(node.value):
+            found.append(f"{rel(path)}:{node.lineno} {node.value!r}")
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        if node.func.attr not in NAMING_CALLS or not node.args:
+            continue
+        named_by = node.args[1:] if node.func.attr in ARTIFACT_CALLS else node.args[:1]
+        for arg in named_by:
+            if isinstance(arg, ast.Dict) and any(isinstance(k, ast.Constant) for k in arg.keys):
+                found.append(f"{rel(path)}:{node.lineno} {node.func.attr} with literal keys")
+            if isinstance(arg, ast.Constant | ast.JoinedStr):
+                found.append(f"{rel(path)}:{node.lineno} {node.func.attr} with a literal name")
+    return found
+
+
+def test_mlflow_names_are_spelled_only_in_the_tracking_package():
+    assert [hit for p in OUTSIDE for hit in naming_literals(p)] == []
+
+
+def test_the_name_check_catches_a_spelled_name(tmp_path):
+    # The check above must be able to fail: a module that spells a tag and a param.
+    bad = tmp_path / "spelled.py"
+    bad.write_text('def f(run, t):\n    run.set_tags({"soups.x": 1})\n    run.log_table(t, "scores.csv")\n')
+    assert len(naming_literals(bad)) == 3  # the tag string, the literal key, the artifact path
+
+
+@pytest.mark.parametrize("path", CODE, ids=rel)
+def test_modules_and_functions_stay_small(path):
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_MODULE_LINES, f"{rel(path)} has {lines} lines"
+    for node in ast.walk(tree(path)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            length = node.end_lineno - node.lineno + 1
+            assert length <= MAX_FUNCTION_LINES, f"{rel(path)}:{node.lineno} {node.name} has {length} lines"
