@@ -4,6 +4,7 @@ to draw the very batches an uninterrupted one would have."""
 
 from __future__ import annotations
 
+import albumentations as A
 import numpy as np
 import torch
 
@@ -66,19 +67,29 @@ class TrainLoader(torch.utils.data.DataLoader):
 
     def rng_state(self) -> dict:
         """What decides the next batches: the shuffling generator (worker seeds come from it too)
-        and the augmentations' own generators (used when there are no workers)."""
+        and every augmentation's own generators (used in this process when there are no workers)."""
         return {
             "generator": self.generator.get_state(),
             "transforms": [
-                (t.random_generator.bit_generator.state, t.py_random.getstate()) for t in self.transforms
+                (t.random_generator.bit_generator.state, t.py_random.getstate()) for t in self._random()
             ],
         }
 
     def set_rng_state(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-        for t, (numpy_state, python_state) in zip(self.transforms, state["transforms"], strict=True):
+        for t, (numpy_state, python_state) in zip(self._random(), state["transforms"], strict=True):
             t.random_generator.bit_generator.state = numpy_state
             t.py_random.setstate(python_state)
+
+    def _random(self) -> list:
+        """The pipelines and each of their steps: albumentations gives every step its own generators."""
+        out, todo = [], list(self.transforms)
+        while todo:
+            t = todo.pop(0)
+            out.append(t)
+            if isinstance(t, A.BaseCompose):
+                todo += list(t.transforms)
+        return out
 
 
 def oversampled_classes(spec: str, classes: list[str]) -> list[int]:

@@ -61,6 +61,8 @@ def device_for(world: World) -> torch.device:
 
 
 def _terminate(signum: int, frame: Any) -> None:
+    # Once: the cleanup that marks the run FAILED must not be cut short by a second SIGTERM.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
 
 

@@ -174,7 +174,8 @@ def fit(
     cross-entropy with the config's label smoothing); its own parameters train too.
     With several processes (`world`), each trains on its share of every batch and rank 0 alone
     validates and reports. `resume` is a state `on_state(epoch, state)` was given (every
-    `cfg.save_every` epochs): training continues after that epoch as if it had never stopped."""
+    `cfg.save_every` epochs; its tensors are the live ones, so save or copy them during the call):
+    training continues after that epoch as if it had never stopped."""
     if cfg.epochs < 1:
         raise SoupsError(f"epochs={cfg.epochs} must be >= 1")
     if len(loader) == 0:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from soups import tracking
-from soups.models import Checkpoint, create_model, save_checkpoint
+from soups.models import Checkpoint, create_model, save_checkpoint, sha256
 from tests.conftest import ROOT, free_port, make_mask_dataset, wait_until_up, write_image, write_recipe
 
 pytestmark = pytest.mark.slow  # real processes: servers, `mlflow run`, workers
@@ -51,7 +51,7 @@ def store(tmp_path_factory):
         (work / "ckpt").mkdir()
         ckpt = tiny_checkpoint(work / "ckpt" / "model.pt", mask_classes(), seed=0)
         with tracking.start("soup", "infer-test") as run:
-            run.log_checkpoint(ckpt, tracking.sha256(ckpt))
+            run.log_checkpoint(ckpt, sha256(ckpt))
             run.log_split("s")
             run.log_metrics({"val_accuracy": 0.5})
             version, _ = run.register(ckpt, "tiny", 0.5, "s")

@@ -54,7 +54,7 @@ def test_members_start_from_every_weight_of_the_start_run(recipe_path, tracking_
         real(model, state, source)
         captured["head"] = {k: model.state_dict()[k].clone() for k in head_keys(model)}
 
-    monkeypatch.setattr("soups.finetune.load_start", spy)
+    monkeypatch.setattr("soups.starts.load_start", spy)
     member_ids = [finetune(load_recipe(recipe_path, {"i": i, "start": "auto"})) for i in range(2)]
     members = [tracking.get_run(r) for r in member_ids]
     for run in members:

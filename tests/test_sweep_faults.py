@@ -101,3 +101,38 @@ def test_tpe_workers_started_together_draw_different_hyperparameters(setup):
     trials = optuna.load_study(study_name="tpe", storage=setup["storage"]).get_trials()
     drawn = [(round(t.params["lr"], 12), t.params["seed"]) for t in trials]
     assert len(trials) == 4 and len(set(drawn)) == 4, drawn
+
+
+def test_a_retried_trial_resumes_its_killed_run_in_place(setup, tmp_path):
+    """With save_every, the retry of a killed trial continues the first attempt's run from its
+    last training state instead of training the member again from the start."""
+    keeping = write_recipe(
+        tmp_path / "keep.yaml",
+        **{**yaml.safe_load(setup["recipe"].read_text()), "epochs": 4, "save_every": 1},
+    )
+    args = worker({**setup, "recipe": keeping}, "--trials", "1", "--study", "resumed", "--heartbeat", "1")
+    first = subprocess.Popen(
+        args, cwd=ROOT, env=setup["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    client, deadline, run_id = mlflow.MlflowClient(), time.time() + 180, None
+    while run_id is None or tracking.STATE_EPOCH not in client.get_run(run_id).data.tags:
+        try:
+            trials = optuna.load_study(study_name="resumed", storage=setup["storage"]).get_trials()
+            run_id = next((t.user_attrs.get("mlflow_run_id") for t in trials), None)
+        except KeyError:
+            pass
+        assert time.time() < deadline and first.poll() is None, "no training state was kept"
+        time.sleep(0.3)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    time.sleep(3)  # past the grace period: twice the heartbeat
+    second = subprocess.run(args, cwd=ROOT, env=setup["env"], capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    trials = optuna.load_study(study_name="resumed", storage=setup["storage"]).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[1].user_attrs["mlflow_run_id"] == run_id, "the retry continued the same run"
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and tracking.SHA256 in run.data.tags
+    assert tracking.STOPPED not in run.data.tags, "a resumed run no longer says it was stopped"
+    steps = sorted({m.step for m in client.get_metric_history(run_id, "val_accuracy")})
+    assert steps == [1, 2, 3, 4]

@@ -54,7 +54,12 @@ class Lineage:
 
 
 def register(
-    checkpoint: Path, name: str, val_accuracy: float, split: str, lineage: Lineage, note: str = ""
+    checkpoint: Path,
+    name: str,
+    val_accuracy: float,
+    split: str,
+    lineage: Lineage | None = None,
+    note: str = "",
 ) -> tuple[int, str]:
     """Log the soup as an MLflow model serving images (in the active run), register it as a
     version of `name` with its lineage and description, and move alias `champion` to it when it
@@ -71,7 +76,7 @@ def register(
     client = MlflowClient()
     if note:
         client.update_model_version(name, str(version), description=note[:MAX_NOTE_LENGTH])
-    for key, value in lineage.tags().items():
+    for key, value in (lineage.tags() if lineage else {}).items():
         client.set_model_version_tag(name, str(version), key, value[:MAX_NOTE_LENGTH])
     if not client.get_registered_model(name).description:
         client.update_registered_model(

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from soups import SoupsError
 from soups.tracking.lifecycle import run_link
-from soups.tracking.names import NOTE, RESUMED, ROLE, STATE_EPOCH, TRAINING_STATE
+from soups.tracking.names import NOTE, RESUMED, ROLE, STATE_EPOCH, STOPPED, TRAINING_STATE
 from soups.tracking.runs import Run
 from soups.tracking.search import get_run
 from soups.tracking.server import raising_unreachable
@@ -74,4 +74,6 @@ def reopen(run_id: str, **kw):
         client.set_tag(launcher, RESUMED, run_id)
         client.set_tag(launcher, NOTE, f"Resumed {run_link(run_id, run.info.experiment_id)} in place.")
         client.update_run(launcher, name=f"resume {run_id[:8]}")
+    if STOPPED in run.data.tags:  # why it stopped last time (a lost heartbeat) no longer holds
+        MlflowClient().delete_tag(run_id, STOPPED)
     return mlflow.start_run(run_id=run_id, **kw)

@@ -259,7 +259,7 @@ class Run:
         name: str,
         val_accuracy: float,
         split: str,
-        lineage: registry.Lineage,
+        lineage: registry.Lineage | None = None,
         note: str = "",
     ) -> tuple[int, str]:
         """`registry.register`, from this run (the active one)."""

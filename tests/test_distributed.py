@@ -1,0 +1,191 @@
+"""Data-parallel fine-tuning and resume with real processes: `torchrun` (through -P nproc=2) on
+the CPU with the gloo backend, a SIGKILLed rank, a SIGKILLed fine-tune resumed in place."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import psutil
+import pytest
+import torch
+
+from tests.conftest import ROOT, TINY, make_fashion_mnist, write_recipe
+
+pytestmark = pytest.mark.slow
+RECIPE = {
+    **TINY,
+    "model": "test_efficientnet_gn",
+    "epochs": 3,
+    "aug": "none",
+}  # GroupNorm: no batch statistics
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    work = tmp_path_factory.mktemp("ddp")
+    root = make_fashion_mnist(work / "fmnist", n_train=200)
+    recipe = write_recipe(work / "r.yaml", experiment="ddp", data=str(root), layout="fashion-mnist", **RECIPE)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_RUN_ID", None)
+    return {"work": work, "recipe": recipe, "env": env}
+
+
+def command(world, *args: str) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "entrypoints" / "finetune.py"),
+        "--recipe",
+        str(world["recipe"]),
+        *args,
+    ]
+
+
+def finetune(world, *args: str) -> str:
+    out = subprocess.run(command(world, *args), env=world["env"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.split("ingredient run ")[-1].split()[0]
+
+
+def client(world) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(world["env"]["MLFLOW_TRACKING_URI"])
+
+
+def runs(world) -> dict:
+    c = client(world)
+    exp = c.get_experiment_by_name("ddp")
+    return {r.info.run_id: r for r in c.search_runs([exp.experiment_id])} if exp else {}
+
+
+def history(world, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client(world).get_metric_history(run_id, key)]
+
+
+def weights(world, run_id: str) -> dict:
+    path = client(world).download_artifacts(run_id, "checkpoint/model.pt", str(world["work"] / run_id))
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def single(world) -> str:
+    """The uninterrupted one-process fine-tune every other run is compared with."""
+    return finetune(world)
+
+
+def test_two_processes_log_one_run_that_matches_one_process(world, single):
+    before = set(runs(world))
+    run_id = finetune(world, "--nproc", "2")
+    new = set(runs(world)) - before
+    assert new == {run_id}, "exactly one MLflow run, however many ranks"
+    one, two = client(world).get_run(single), client(world).get_run(run_id)
+    assert two.info.status == "FINISHED" and two.data.params["processes"] == "2"
+    assert one.data.params["processes"] == "1"
+    differ = {k for k in one.data.params if one.data.params[k] != two.data.params.get(k)}
+    assert differ == {"processes"}
+    for key in ("train_loss", "val_loss", "val_accuracy"):
+        a, b = history(world, single, key), history(world, run_id, key)
+        assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
+        assert max(abs(x - y) for (_, x), (_, y) in zip(a, b, strict=True)) < 1e-4, key
+    # Each rank took half of every batch the single process took: the same steps, up to the
+    # floating-point order of the gradient average.
+    wa, wb = weights(world, single), weights(world, run_id)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-3
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def new_run(world, before: set, tag: str | None = None, metric: str | None = None):
+    def found():
+        for rid, r in runs(world).items():
+            if (
+                rid not in before
+                and (tag is None or tag in r.data.tags)
+                and (metric is None or metric in r.data.metrics)
+            ):
+                return r
+        return None
+
+    return found
+
+
+def rank_processes(launcher: int) -> dict | None:
+    """torchrun's worker processes by their RANK, once both exist."""
+    ranks = {}
+    for child in psutil.Process(launcher).children(recursive=True):
+        try:
+            rank = child.environ().get("RANK")
+        except psutil.Error:  # a helper that came and went
+            continue
+        if rank is not None:
+            ranks[rank] = child
+    return ranks if set(ranks) == {"0", "1"} else None
+
+
+def test_a_killed_rank_fails_the_run_without_a_checkpoint(world):
+    before = set(runs(world))
+    log = world["work"] / "killed-rank.log"
+    proc = subprocess.Popen(
+        command(world, "--nproc", "2", "--epochs", "30"),
+        env=world["env"],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        run = wait_for(new_run(world, before, metric="val_accuracy"), 300, "epoch 1 of the 2-rank run")
+        ranks = wait_for(lambda: rank_processes(proc.pid), 30, "the two ranks")
+        time.sleep(1.0)  # into epoch 2
+        ranks["1"].send_signal(signal.SIGKILL)
+        killed = time.time()
+        proc.wait(timeout=120)
+        took = time.time() - killed
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    after = client(world).get_run(run.info.run_id)
+    assert proc.returncode != 0
+    assert after.info.status == "FAILED", log.read_text()[-3000:]
+    assert "soups.sha256" not in after.data.tags
+    assert [f.path for f in client(world).list_artifacts(run.info.run_id, "checkpoint")] == []
+    assert took < 120
+
+
+def test_a_fine_tune_killed_after_epoch_1_resumes_in_place_to_the_same_checkpoint(world, single):
+    before = set(runs(world))
+    proc = subprocess.Popen(
+        command(world, "--save_every", "1"),
+        env=world["env"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        run = wait_for(new_run(world, before, tag="soups.state_epoch"), 300, "the state after epoch 1")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    rid = run.info.run_id
+    killed = client(world).get_run(rid)
+    assert killed.info.status == "RUNNING" and killed.data.tags["soups.state_epoch"] == "1"
+    assert "soups.sha256" not in killed.data.tags
+    assert finetune(world, "--resume", rid) == rid
+    resumed, one = client(world).get_run(rid), client(world).get_run(single)
+    assert resumed.info.status == "FINISHED"
+    assert [s for s, _ in history(world, rid, "val_accuracy")] == [1, 2, 3]
+    assert history(world, rid, "val_accuracy") == history(world, single, "val_accuracy")
+    # Same data order, same random state, same steps: the very checkpoint of the uninterrupted run.
+    assert resumed.data.tags["soups.sha256"] == one.data.tags["soups.sha256"]
+    assert resumed.data.metrics["best_val_accuracy"] == one.data.metrics["best_val_accuracy"]

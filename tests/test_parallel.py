@@ -1,0 +1,103 @@
+"""Data-parallel batches and resumable training, in one process: the pieces `torchrun` and
+`resume` are built from (tests/test_distributed.py starts the real processes)."""
+
+import copy
+
+import mlflow
+import pytest
+import torch
+
+from soups import SoupsError, distributed
+from soups.distributed import RankBatches, World
+from soups.finetune import finetune, resume
+from soups.recipe import load_recipe
+from soups.train import fit
+from tests.conftest import TINY, make_imagefolder, write_recipe
+from tests.test_train import setup
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    return make_imagefolder(tmp_path_factory.mktemp("colours"), per_class=16)
+
+
+def test_ranks_share_each_single_process_batch_without_overlap():
+    def batches():
+        sampler = torch.utils.data.RandomSampler(range(21), generator=torch.Generator().manual_seed(3))
+        return torch.utils.data.BatchSampler(sampler, 6, drop_last=True)
+
+    single = list(batches())
+    ranks = [list(RankBatches(batches(), World(rank, 3))) for rank in range(3)]
+    for k, batch in enumerate(single):
+        parts = [r[k] for r in ranks]
+        assert sorted(sum(parts, [])) == sorted(batch) and all(len(p) == 2 for p in parts)
+    assert len(ranks[0]) == len(single) == 3
+
+
+def test_a_batch_that_does_not_split_evenly_is_refused():
+    assert distributed.check_batch(32, World(0, 4)) == 8
+    with pytest.raises(SoupsError, match="batch_size=30 does not split evenly over 4 processes"):
+        distributed.check_batch(30, World(0, 4))
+
+
+def test_torchrun_runs_the_same_command_as_n_processes():
+    command = distributed.torchrun_command(2, "entrypoints/finetune.py", ["--i", "3"])
+    assert command[1:] == [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "entrypoints/finetune.py",
+        "--i",
+        "3",
+    ]
+
+
+@pytest.mark.parametrize("aug", ["none", "medium"])
+def test_training_resumed_from_a_saved_state_ends_with_the_same_weights(colours, aug):
+    """Stopped after epoch 1 of 3 and continued from its state: the same weights, bit for bit,
+    as the uninterrupted fit (augmentation and data order continue where they were)."""
+    states = {}
+    model, loader, val, cfg = setup(colours, epochs=3, aug=aug, save_every=1, ema=0.5)
+    fit(
+        model,
+        loader,
+        val,
+        cfg,
+        [0.5] * 3,
+        [0.5] * 3,
+        on_state=lambda e, s: states.setdefault(e, copy.deepcopy(s)),
+    )
+    assert sorted(states) == [1, 2], "a state after every epoch but the last"
+    again, loader2, _, _ = setup(colours, epochs=3, aug=aug, save_every=1, ema=0.5)
+    seen = []
+    fit(
+        again, loader2, val, cfg, [0.5] * 3, [0.5] * 3, on_epoch=lambda e, m: seen.append(e), resume=states[1]
+    )
+    assert seen == [2, 3]
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, colours):
+    return write_recipe(
+        tmp_path / "r.yaml",
+        experiment="resume",
+        data=str(colours),
+        layout="imagefolder",
+        **{**TINY, "epochs": 1},
+    )
+
+
+def test_resume_refuses_runs_it_cannot_continue(tiny_recipe, tracking_uri):
+    done = finetune(load_recipe(tiny_recipe))
+    with pytest.raises(SoupsError, match=f"resume={done}: the run FINISHED; nothing is left to train"):
+        resume(done)
+    client = mlflow.MlflowClient()
+    run = client.create_run(client.get_run(done).info.experiment_id)
+    client.set_tag(run.info.run_id, "soups.role", "ingredient")
+    with pytest.raises(SoupsError, match="kept no training state .* -P save_every=K"):
+        resume(run.info.run_id)
+    with pytest.raises(SoupsError, match="is not a run id"):
+        resume("../../etc")
