@@ -132,14 +132,8 @@ def launched() -> bool:
 
 def torchrun_command(nproc: int, script: str, args: list[str]) -> list[str]:
     """The command that runs `script args` as `nproc` processes on this machine (torchrun's
-    standalone rendezvous); several machines use torchrun itself (README)."""
-
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        script,
-        *args,
-    ]
+    standalone rendezvous); several machines use torchrun itself (README). The `--` keeps
+    torchrun's parser from taking the script's options for abbreviations of its own (`--start`
+    would be an ambiguous `--start-method`)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*launcher, "--", script, *args]

@@ -114,9 +114,7 @@ def evaluate_runs(recipe: Recipe, given: dict, opts: EvaluateOptions | None = No
             except SoupsError as e:
                 rows.append({"run_id": rid, "error": str(e)})
                 continue
-            rows.append(
-                {"run_id": rid, "i": r.data.params.get("i"), "model": r.data.params.get("model"), **scores}
-            )
+            rows.append({"run_id": rid, "i": tracking.member_of(r), "model": tracking.model_of(r), **scores})
             if split == "test":  # val scores stay in the evaluation run: the ranking curve is the finetune's
                 tracking.log_scores(rid, split, scores)
             figure = plots.confusion_matrix(cm, classes, f"run {rid[:8]} on {split}")

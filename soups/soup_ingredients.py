@@ -17,10 +17,9 @@ from soups.soup import Candidate, StateDict
 
 def incompatible(run, top) -> str | None:
     """Why `run` cannot join a soup started from the top-ranked run, judged from what it logged."""
-    mine, ref = run.data.params, top.data.params
-    for key in ("model", "num_classes"):
-        if mine.get(key) != ref.get(key):
-            return f"incompatible: {key} {mine.get(key)} differs from the top run's {ref.get(key)}"
+    for key, read in (("model", tracking.model_of), ("num_classes", tracking.classes_of)):
+        if read(run) != read(top):
+            return f"incompatible: {key} {read(run)} differs from the top run's {read(top)}"
     split, top_split = tracking.split_of(run), tracking.split_of(top)
     if split != top_split:
         return f"incompatible: split {split} differs from the top run's {top_split}"
@@ -38,7 +37,7 @@ def incompatible(run, top) -> str | None:
 
 def start_name(run) -> str:
     start_run = tracking.start_run_of(run)
-    return f"start run {start_run}" if start_run else f"pretrained={run.data.params.get('pretrained')}"
+    return f"start run {start_run}" if start_run else f"pretrained={tracking.pretrained_of(run)}"
 
 
 class Ingredients:
@@ -54,7 +53,7 @@ class Ingredients:
         path, fresh = tracking.cached_checkpoint(run)
         self.downloaded += fresh
         ckpt = load_checkpoint(path)
-        if ckpt.model != self.top.data.params.get("model") or ckpt.split != tracking.split_of(self.top):
+        if ckpt.model != tracking.model_of(self.top) or ckpt.split != tracking.split_of(self.top):
             raise SoupsError(f"checkpoint of run {run.info.run_id} disagrees with its run's params and tags")
         if self.meta is None:
             self.meta = Checkpoint(

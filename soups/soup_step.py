@@ -171,7 +171,7 @@ def ingredient_table(steps, by_id: dict, own_test: dict, held_out: int) -> pd.Da
             {
                 "rank": s.rank,
                 "run_id": s.name,
-                "i": by_id[s.name].data.params.get("i"),
+                "i": tracking.member_of(by_id[s.name]),
                 "val_accuracy": tracking.rank_score(by_id[s.name]),
                 "test_accuracy": own_test.get(s.name),
                 "status": s.status,
@@ -196,7 +196,7 @@ def make_soup(
         g = gather(run, recipe, given, opts)
         run.log_split(g.splits.fingerprint)
         run.log_datasets(data_parts(g.ref, g.splits, ("validation", "test")))
-        num_classes = int(g.top.data.params["num_classes"])
+        num_classes = tracking.classes_of(g.top)
         model = create_model(g.ref.model, num_classes)
         mean, std = normalisation(model)
         recal = opts.bn_recalibrate == "on" or (opts.bn_recalibrate == "auto" and has_batchnorm(model))
@@ -222,7 +222,7 @@ def _report(run, g: Gathered, opts, params, dishes, ingredients, scorer, test, s
     # so the same images), else scored here, reloaded one at a time from the cache.
     own_test = {}
     for name in usable:
-        logged = by_id[name].data.metrics.get("test_accuracy")
+        logged = tracking.test_score(by_id[name])
         if logged is None and test is not None:
             state = ingredients.load(by_id[name])
             logged = metrics(scorer.logits(state, test, False), test.labels)["accuracy"]

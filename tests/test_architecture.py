@@ -48,6 +48,8 @@ def naming_literals(path: Path) -> list[str]:
     for node in ast.walk(tree(path)):
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and TAG_NAME.match(node.value):
             found.append(f"{rel(path)}:{node.lineno} {node.value!r}")
+        if read_by_name(node):
+            found.append(f"{rel(path)}:{node.lineno} reads a run's {read_by_name(node)} by a literal name")
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
             continue
         if node.func.attr not in NAMING_CALLS or not node.args:
@@ -61,6 +63,26 @@ def naming_literals(path: Path) -> list[str]:
     return found
 
 
+def read_by_name(node: ast.AST) -> str:
+    """`run.data.params["x"]` or `run.data.metrics.get("x")`: which of params, metrics, tags."""
+    if isinstance(node, ast.Subscript):
+        target, key = node.value, node.slice
+    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+        target, key = node.func.value, node.args[0] if node.args else None
+    else:
+        return ""
+    if not (isinstance(key, ast.Constant) and isinstance(target, ast.Attribute)):
+        return ""
+    parent = target.value
+    if (
+        target.attr in ("params", "metrics", "tags")
+        and isinstance(parent, ast.Attribute)
+        and parent.attr == "data"
+    ):
+        return target.attr
+    return ""
+
+
 def test_mlflow_names_are_spelled_only_in_the_tracking_package():
     assert [hit for p in OUTSIDE for hit in naming_literals(p)] == []
 
@@ -68,8 +90,12 @@ def test_mlflow_names_are_spelled_only_in_the_tracking_package():
 def test_the_name_check_catches_a_spelled_name(tmp_path):
     # The check above must be able to fail: a module that spells a tag and a param.
     bad = tmp_path / "spelled.py"
-    bad.write_text('def f(run, t):\n    run.set_tags({"soups.x": 1})\n    run.log_table(t, "scores.csv")\n')
-    assert len(naming_literals(bad)) == 3  # the tag string, the literal key, the artifact path
+    bad.write_text(
+        'def f(run, t):\n    run.set_tags({"soups.x": 1})\n    run.log_table(t, "scores.csv")\n'
+        '    return run.data.params["lr"], run.data.metrics.get("val_loss")\n'
+    )
+    # the tag string, the literal key, the artifact path, the param and the metric read by name
+    assert len(naming_literals(bad)) == 5
 
 
 @pytest.mark.parametrize("path", CODE, ids=rel)

@@ -78,7 +78,9 @@ def single(world) -> str:
 
 def test_two_processes_log_one_run_that_matches_one_process(world, single):
     before = set(runs(world))
-    run_id = finetune(world, "--nproc", "2")
+    # `--start none` also proves the script's own options reach it (torchrun's parser would take
+    # `--start` for an abbreviation of its `--start-method`).
+    run_id = finetune(world, "--nproc", "2", "--start", "none")
     new = set(runs(world)) - before
     assert new == {run_id}, "exactly one MLflow run, however many ranks"
     one, two = client(world).get_run(single), client(world).get_run(run_id)

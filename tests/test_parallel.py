@@ -47,6 +47,7 @@ def test_torchrun_runs_the_same_command_as_n_processes():
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node=2",
+        "--",
         "entrypoints/finetune.py",
         "--i",
         "3",

@@ -44,14 +44,18 @@ from soups.tracking.runs import (  # noqa: F401
     log_scores,
 )
 from soups.tracking.search import (  # noqa: F401
+    classes_of,
     experiment_name,
     experiment_of_run,
     find_experiment,
     get_run,
     has_score,
     ingredient_filter,
+    member_of,
+    model_of,
     newest_start,
     parent_filter,
+    pretrained_of,
     rank_score,
     ranked_ingredients,
     role_of,
@@ -61,6 +65,7 @@ from soups.tracking.search import (  # noqa: F401
     split_of,
     start_of,
     start_run_of,
+    test_score,
     val_accuracy_of,
 )
 from soups.tracking.server import (  # noqa: F401

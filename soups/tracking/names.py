@@ -61,3 +61,8 @@ START_PARAM = "start"  # the recipe field a sweep resolves once for all its tria
 TRAINING_STATE = "state/training_state.pt"
 STATE_EPOCH = "soups.state_epoch"  # the epoch TRAINING_STATE ends
 RESUMED = "soups.resumed"  # on a `mlflow run` run that continued another run in place
+# Params every ingredient run carries that other steps read back (recipe fields and data sizes)
+MEMBER_PARAM = "i"
+MODEL_PARAM = "model"
+PRETRAINED_PARAM = "pretrained"
+CLASSES_PARAM = "num_classes"

@@ -19,6 +19,7 @@ from soups.tracking import registry
 from soups.tracking.names import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
+    CLASSES_PARAM,
     INGREDIENTS,
     MAX_NOTE_LENGTH,
     MAX_PARAM_LENGTH,
@@ -105,7 +106,7 @@ class Run:
         """What a fine-tune trained and validated on, and how many processes shared it."""
         self.log_params(
             {
-                "num_classes": classes,
+                CLASSES_PARAM: classes,
                 "n_train": train,
                 "n_val": val,
                 "n_test": test,

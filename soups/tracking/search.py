@@ -10,7 +10,19 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from soups import SoupsError
-from soups.tracking.names import RANK_METRIC, ROLE, SHA256, SPLIT, START, START_RUN
+from soups.tracking.names import (
+    CLASSES_PARAM,
+    MEMBER_PARAM,
+    MODEL_PARAM,
+    PRETRAINED_PARAM,
+    RANK_METRIC,
+    ROLE,
+    SHA256,
+    SPLIT,
+    START,
+    START_RUN,
+    TEST_METRIC,
+)
 from soups.tracking.registry import model_version
 from soups.tracking.server import checked_run_id, configure, quote
 
@@ -68,6 +80,29 @@ def run_params(run) -> dict[str, str]:
 
 def split_of(run) -> str | None:
     return run.data.tags.get(SPLIT)
+
+
+def member_of(run) -> str | None:
+    """The sweep member index `i` a run trained."""
+    return run.data.params.get(MEMBER_PARAM)
+
+
+def model_of(run) -> str | None:
+    return run.data.params.get(MODEL_PARAM)
+
+
+def pretrained_of(run) -> str | None:
+    return run.data.params.get(PRETRAINED_PARAM)
+
+
+def classes_of(run) -> int | None:
+    value = run.data.params.get(CLASSES_PARAM)
+    return None if value is None else int(value)
+
+
+def test_score(run) -> float | None:
+    """The run's test accuracy, when `evaluate` (or the soup step) logged one."""
+    return run.data.metrics.get(TEST_METRIC)
 
 
 def role_of(run) -> str | None:
