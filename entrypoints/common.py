@@ -116,3 +116,16 @@ def relaunch_if_parallel(nproc: int) -> None:
     command = distributed.torchrun_command(nproc, sys.argv[0], args)
     sys.stdout.flush()
     os.execv(command[0], command)
+
+
+def run_training(recipe: str, overrides: dict[str, Any], train: Callable[[Any], str]) -> str:
+    """What `finetune` and `start` share: relaunch as torchrun processes for nproc > 1, resume a
+    run, or `train` the recipe. Returns the run id ("" on ranks other than 0)."""
+    from soups.finetune import TrainingOptions, resume
+    from soups.recipe import load_recipe
+
+    opts = step_values(TrainingOptions, overrides)
+    relaunch_if_parallel(opts.nproc)
+    if opts.resume:
+        return run_cli(lambda: resume(opts.resume, given(overrides)))
+    return run_cli(lambda: train(load_recipe(recipe, overrides)))

@@ -2,16 +2,8 @@
 
 import click
 
-from entrypoints.common import (
-    given,
-    recipe_options,
-    relaunch_if_parallel,
-    run_cli,
-    step_options,
-    step_values,
-)
-from soups.finetune import TrainingOptions, finetune, resume
-from soups.recipe import load_recipe
+from entrypoints.common import recipe_options, run_training, step_options
+from soups.finetune import TrainingOptions, finetune
 
 
 @click.command(
@@ -22,12 +14,7 @@ from soups.recipe import load_recipe
 @recipe_options()
 @step_options(TrainingOptions)
 def main(recipe: str, **overrides) -> None:
-    opts = step_values(TrainingOptions, overrides)
-    relaunch_if_parallel(opts.nproc)
-    if opts.resume:
-        run_id = run_cli(lambda: resume(opts.resume, given(overrides)))
-    else:
-        run_id = run_cli(lambda: finetune(load_recipe(recipe, overrides)))
+    run_id = run_training(recipe, overrides, finetune)
     if run_id:  # rank 0 (or the only process)
         click.echo(f"ingredient run {run_id}")
 

@@ -2,9 +2,8 @@
 
 import click
 
-from entrypoints.common import given, recipe_options, relaunch_if_parallel, run_cli, step_options, step_values
-from soups.finetune import TrainingOptions, make_start, resume
-from soups.recipe import load_recipe
+from entrypoints.common import recipe_options, run_training, step_options
+from soups.finetune import TrainingOptions, make_start
 
 
 @click.command(
@@ -16,15 +15,11 @@ from soups.recipe import load_recipe
 @recipe_options()
 @step_options(TrainingOptions)
 def main(recipe: str, **overrides) -> None:
-    opts = step_values(TrainingOptions, overrides)
-    relaunch_if_parallel(opts.nproc)
-    if opts.resume:
-        run_id = run_cli(lambda: resume(opts.resume, given(overrides)))
-    else:
-        run_id = run_cli(lambda: make_start(load_recipe(recipe, overrides)))
-    if not run_id:  # a rank other than 0
-        return
-    click.echo(f"start run {run_id}: fine-tune members from it with -P start=auto or -P start=runs:/{run_id}")
+    run_id = run_training(recipe, overrides, make_start)
+    if run_id:  # rank 0 (or the only process)
+        click.echo(
+            f"start run {run_id}: fine-tune members from it with -P start=auto or -P start=runs:/{run_id}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole pipeline on a CUDA GPU in about two minutes: start, two 1-epoch fine-tunes, evaluate,
+# The whole pipeline on a CUDA GPU in about two minutes: start, two 1-epoch fine-tunes (a third on
+# 2 GPUs with DDP where 2 exist), evaluate,
 # every soup method with BatchNorm recalibrated, infer with an ensemble beside the soup, all with
 # bf16 autocast (on by itself on CUDA). Exits non-zero on the first failure. Run it first wherever a
 # GPU is available:  bash scripts/cuda-smoke.sh
@@ -31,6 +32,12 @@ P=(--recipe configs/demo.yaml --data "$DATA" --max_train 1000 --max_val 300 --ma
 "$PY" -c "from soups.tracking import configure; configure()"
 "$PY" entrypoints/start.py "${P[@]}" --start_epochs 1
 for i in 0 1; do "$PY" entrypoints/finetune.py "${P[@]}" --i "$i" --epochs 1 --start auto; done
+# Wherever 2 GPUs exist: member 2 data-parallel on both (torchrun, NCCL, synchronised BatchNorm),
+# one MLflow run that the soup then takes like any other.
+if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+  "$PY" entrypoints/finetune.py "${P[@]}" --i 2 --epochs 1 --start auto --nproc 2 --sync_bn true
+  echo "cuda-smoke: 2-GPU data-parallel fine-tune passed"
+fi
 "$PY" entrypoints/evaluate.py --recipe configs/demo.yaml --data "$DATA"
 "$PY" entrypoints/greedy_soup.py --recipe configs/demo.yaml --data "$DATA" --compare all --bn_recalibrate on \
   --learned_epochs 1 | tee "$work/soup.txt"
