@@ -178,12 +178,17 @@ class Scorer:
         return predict(model, evalset or self.held_out, self.mean, self.std, self.batch_size, self.device)
 
 
+def attribute_scores(attributes, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """For a layout whose labels combine attributes (mask x gender x age): the accuracy of each
+    attribute on its own."""
+    true, pred = attributes.split(labels.numpy()), attributes.split(logits.argmax(1).numpy())
+    return {a: float((true[a] == pred[a]).mean()) for a in attributes.names}
+
+
 def attribute_accuracy(attributes):
-    """For a layout whose labels combine attributes (mask x gender x age): val accuracy of each
-    attribute on its own, as `val_<attribute>_accuracy`."""
+    """`attribute_scores` as the training loop's extra val metrics, `val_<attribute>_accuracy`."""
 
     def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        true, pred = attributes.split(labels.numpy()), attributes.split(logits.argmax(1).numpy())
-        return {f"val_{a}_accuracy": float((true[a] == pred[a]).mean()) for a in attributes.names}
+        return {f"val_{a}_accuracy": v for a, v in attribute_scores(attributes, logits, labels).items()}
 
     return scores

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 
 from soups import SoupsError, data, layouts, options, plots, tracking
-from soups.evaluate import EvalSet, confusion, default_device, metrics, predict
+from soups.evaluate import EvalSet, attribute_scores, confusion, default_device, metrics, predict
 from soups.models import load_checkpoint
 from soups.options import checked, option
 from soups.recipe import Recipe, from_params
-from soups.run_notes import data_parts
+from soups.run_notes import data_parts, rebuilt
 
 SPLITS = ("val", "test")
 CONTEXTS = {"val": "validation", "test": "test"}
@@ -40,7 +40,7 @@ def score_run(run, given: dict, split: str, sets: dict):
     its worst mistakes. Held-out sets are decoded once and shared by every run with the same split
     and image size."""
     rid = run.info.run_id
-    recipe = from_params(tracking.run_params(run), given)
+    recipe = from_params(tracking.run_params(run), given)  # enough to know which sets it needs
     key = (
         tracking.split_of(run),
         recipe.img_size,
@@ -50,12 +50,7 @@ def score_run(run, given: dict, split: str, sets: dict):
         recipe.relabel,
     )
     if key not in sets:
-        splits = data.load_splits(recipe)
-        if splits.fingerprint != tracking.split_of(run):
-            raise SoupsError(
-                f"run {rid}: split rebuilt from its params has fingerprint {splits.fingerprint}, the run "
-                f"recorded {tracking.split_of(run)} (pass -P data=<folder> where its data lives)"
-            )
+        recipe, splits = rebuilt(run, given)
         part = getattr(splits, split)
         if not len(part):
             raise SoupsError(f"run {rid}: its {split} split is empty")
@@ -69,8 +64,8 @@ def score_run(run, given: dict, split: str, sets: dict):
     scores.pop("correct")
     attributes = layouts.get(recipe.layout).attributes
     if attributes is not None:  # the mask competition's report: error rate of each attribute
-        true, pred = attributes.split(evalset.labels.numpy()), attributes.split(logits.argmax(1).numpy())
-        scores |= {f"{a}_error": float((true[a] != pred[a]).mean()) for a in attributes.names}
+        accuracy = attribute_scores(attributes, logits, evalset.labels)
+        scores |= {f"{a}_error": 1.0 - v for a, v in accuracy.items()}
     gallery = plots.misclassified(
         evalset.images.numpy(), evalset.labels.numpy(), logits.softmax(1).numpy(), ckpt.classes
     )
@@ -104,7 +99,7 @@ def evaluate_runs(recipe: Recipe, given: dict, opts: EvaluateOptions | None = No
         if opts.run_id:
             runs = [tracking.get_run(opts.run_id)]
         else:
-            experiment = tracking.find_experiment(opts.source) if opts.source else run.experiment_id
+            experiment = tracking.experiment_or_own(opts.source, run)
             runs = [r for r in tracking.ranked_ingredients(experiment) if not tracking.has_score(r, split)]
         rows, per_class, sets = [], {}, {}
         for r in runs:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from soups import data, tracking
-from soups.recipe import Recipe
+from soups import SoupsError, data, tracking
+from soups.recipe import Recipe, from_params
 
 if TYPE_CHECKING:
     from soups.starts import Start
@@ -63,3 +63,18 @@ def training_note(role: str, recipe: Recipe, splits: data.Splits, start: Start, 
         f"- draw: {drawn or 'none (no search space)'}\n"
         f"- started from {origin}, weights `{start.digest[:12]}`"
     )
+
+
+def rebuilt(run, given: dict) -> tuple[Recipe, data.Splits]:
+    """The recipe a run logged (the data options in `given` win: data that moved) and its split
+    rebuilt from it, checked against the fingerprint the run recorded: a soup or an evaluation
+    scores exactly the images the run was ranked on, or refuses."""
+    recipe = from_params(tracking.run_params(run), given)
+    splits = data.load_splits(recipe)
+    if splits.fingerprint != tracking.split_of(run):
+        raise SoupsError(
+            f"the held-out split rebuilt from run {run.info.run_id}'s params (data={recipe.data}) has "
+            f"fingerprint {splits.fingerprint}, the run recorded {tracking.split_of(run)}: "
+            "pass -P data=<folder> where that run's data lives"
+        )
+    return recipe, splits

@@ -20,8 +20,8 @@ from soups.models import (
     normalisation,
 )
 from soups.options import checked, option
-from soups.recipe import Recipe, from_params, registered_name
-from soups.run_notes import data_parts
+from soups.recipe import Recipe, registered_name
+from soups.run_notes import data_parts, rebuilt
 from soups.soup import METHODS, Kitchen, SoupResult, StateDict, method
 from soups.soup_ingredients import Ingredients, held_out_sets, start_weights
 from soups.soup_publish import BASELINE, publish
@@ -122,22 +122,14 @@ class Gathered:
 
 def gather(run: tracking.Run, recipe: Recipe, given: dict, opts: SoupOptions) -> Gathered:
     """The ranked candidate runs and the held-out split rebuilt from the top run's params."""
-    source = tracking.find_experiment(opts.source) if opts.source else run.experiment_id
+    source = tracking.experiment_or_own(opts.source, run)
     extra = " and ".join(c for c in (opts.filter, tracking.parent_filter(opts.parent)) if c)
     runs = tracking.ranked_ingredients(source, extra or None, opts.max_candidates)
     if not runs:
         where = f" matching {extra!r}" if extra else ""
         raise SoupsError(f"no finished ingredient runs in experiment {source}{where}: run finetune first")
-    top = runs[0]
-    ref = from_params(tracking.run_params(top), given)
-    splits = data.load_splits(ref)
-    if splits.fingerprint != tracking.split_of(top):
-        raise SoupsError(
-            f"the held-out split rebuilt from run {top.info.run_id}'s params (data={ref.data}) has "
-            f"fingerprint {splits.fingerprint}, the run recorded {tracking.split_of(top)}: "
-            "pass -P data=<folder> where that run's data lives"
-        )
-    return Gathered(runs, top, ref, splits, extra)
+    ref, splits = rebuilt(runs[0], given)
+    return Gathered(runs, runs[0], ref, splits, extra)
 
 
 def cook_all(opts: SoupOptions, kitchen_for, scorer: Scorer, recal: bool, test: EvalSet | None) -> list[Dish]:

@@ -47,6 +47,7 @@ from soups.tracking.search import (  # noqa: F401
     classes_of,
     experiment_name,
     experiment_of_run,
+    experiment_or_own,
     find_experiment,
     get_run,
     has_score,

@@ -43,6 +43,11 @@ def find_experiment(name: str) -> str:
     return exp.experiment_id
 
 
+def experiment_or_own(name: str, run) -> str:
+    """The experiment a step reads from: the one named (it must exist), else the step's own run's."""
+    return find_experiment(name) if name else run.experiment_id
+
+
 def ranked_ingredients(experiment_id: str, extra_filter: str | None = None, limit: int = 0) -> list:
     """Finished ingredient runs of an experiment, best `val_accuracy` first, ranked by the
     server; at most `limit` (0: all, paged 1,000 at a time)."""
