@@ -102,3 +102,28 @@ def test_resume_refuses_runs_it_cannot_continue(tiny_recipe, tracking_uri):
         resume(run.info.run_id)
     with pytest.raises(SoupsError, match="is not a run id"):
         resume("../../etc")
+
+
+def test_a_sigterm_while_the_failed_run_is_being_ended_still_leaves_it_failed(tracking_uri, monkeypatch):
+    """torchrun SIGTERMs rank 0 right after the other rank dies; when that lands inside `end_run`
+    (rank 0 already failing on the lost peer), the run must still end FAILED, not RUNNING."""
+    import os
+    import signal
+
+    from soups import tracking
+
+    real_end = mlflow.end_run
+
+    def end_run_hit_by_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered here, before the status is written
+        return real_end(*args, **kwargs)
+
+    previous = signal.signal(signal.SIGTERM, distributed._terminate)
+    monkeypatch.setattr(mlflow, "end_run", end_run_hit_by_sigterm)
+    try:
+        with pytest.raises(RuntimeError, match="peer"):
+            with tracking.start("ingredient", "sigterm") as run:
+                raise RuntimeError("Connection closed by peer")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert mlflow.MlflowClient().get_run(run.id).info.status == "FAILED"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -89,7 +91,8 @@ def start(
     except BaseException:
         _end("FAILED")
         raise
-    mlflow.end_run("FINISHED")
+    with _uninterrupted():
+        mlflow.end_run("FINISHED")
 
 
 def start_step(
@@ -144,13 +147,29 @@ def _end(status: str, tags: dict | None = None) -> None:
     reached the run stays RUNNING there (never an ingredient) and the original error is the one
     the user sees."""
     try:
-        if tags:
-            mlflow.set_tags(tags)
-        mlflow.end_run(status)
+        with _uninterrupted():
+            if tags:
+                mlflow.set_tags(tags)
+            mlflow.end_run(status)
     except Exception as e:  # the server is gone: say so, do not mask the error that ended the run
         log.warning(
             "could not mark the run %s on %s: %s", status, mlflow.get_tracking_uri(), str(e).splitlines()[0]
         )
+
+
+@contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """SIGTERM ignored while a run's end is written: torchrun stops the other ranks with it right
+    after one dies, and one arriving in the middle of `end_run` (rank 0 already failing on the
+    lost peer) left the run RUNNING. The process is ending anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def take_project_run() -> str | None:
