@@ -149,9 +149,7 @@ def test_a_killed_rank_fails_the_run_without_a_checkpoint(world):
         ranks = wait_for(lambda: rank_processes(proc.pid), 30, "the two ranks")
         time.sleep(1.0)  # into epoch 2
         ranks["1"].send_signal(signal.SIGKILL)
-        killed = time.time()
-        proc.wait(timeout=120)
-        took = time.time() - killed
+        proc.wait(timeout=120)  # the bound: a rank that dies never hangs the others
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -160,7 +158,6 @@ def test_a_killed_rank_fails_the_run_without_a_checkpoint(world):
     assert after.info.status == "FAILED", log.read_text()[-3000:]
     assert "soups.sha256" not in after.data.tags
     assert [f.path for f in client(world).list_artifacts(run.info.run_id, "checkpoint")] == []
-    assert took < 120
 
 
 def test_a_fine_tune_killed_after_epoch_1_resumes_in_place_to_the_same_checkpoint(world, single):
