@@ -4,12 +4,12 @@ training loop and the tracking contract."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from soups.models import (
 from soups.options import option
 from soups.recipe import Recipe, from_params, params, to_yaml
 from soups.run_notes import data_parts, run_name, training_note
-from soups.starts import freeze_all_but_head, initial_model
+from soups.starts import auto_start, freeze_all_but_head, initial_model, start_recipe
 from soups.train import TrainConfig, fit
 
 log = logging.getLogger(__name__)
@@ -87,12 +87,13 @@ def resume(run_id: str, given: dict | None = None) -> str:
         return tracked_training(role, recipe, resume=run_id)
 
 
-def make_start(recipe: Recipe) -> str:
+def make_start(recipe: Recipe, claimed: str = "") -> str:
     """The shared starting weights of a sweep, trained once and logged as a `start` run:
     `start_epochs` epochs of member `i`'s draw, every weight (`start_mode=finetune`) or the head
     alone (`probe`). Members given `start` continue from its every weight, head included, which
-    keeps them in one basin: their average is then a model, not a blur. Returns the run id."""
-    return tracked_training("start", dataclasses.replace(recipe, epochs=recipe.start_epochs))
+    keeps them in one basin: their average is then a model, not a blur. `claimed`: the start run
+    `start: auto` created for it. Returns the run id."""
+    return tracked_training("start", replace(recipe, epochs=recipe.start_epochs), claimed=claimed)
 
 
 def tracked_training(
@@ -103,48 +104,57 @@ def tracked_training(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     on_start: Callable[[str], None] | None = None,
     resume: str = "",
+    claimed: str = "",
 ) -> str:
     """Train and log one run; under `torchrun` every process trains its share and rank 0 alone
-    logs (the others return ""). `resume`: continue that run from its last saved training state."""
+    logs (the others return ""). `resume`: continue that run from its last saved training state;
+    `claimed`: train into that start run, created beforehand. The data is read before any run
+    exists, so a wrong `data` or `layout` leaves no failed run behind, and an ingredient's
+    `start: auto` is found or made (`starts.auto_start`) before its own run starts."""
     world = distributed.from_env()
     with distributed.joined(world):
+        splits = data.load_splits(recipe)
+        if role == "ingredient" and recipe.start == "auto":
+            experiment_id = tracking.step_experiment(recipe.experiment, parent) if world.is_main else ""
+            make = partial(make_start, start_recipe(recipe))
+            start = auto_start(recipe, splits.fingerprint, experiment_id, make, world)
+            recipe = replace(recipe, start=start)
         if not world.is_main:
-            return train_silently(role, recipe, world)
+            return train_silently(role, recipe, splits, world)
         name = run_name(role, recipe)
-        with tracking.start_step(role, recipe, name, parent, tags, resume=resume) as run:
+        with tracking.start_step(role, recipe, name, parent, tags, resume, claimed) as run:
             if on_start is not None:
                 on_start(run.id)
-            splits, model = prepare(run, role, recipe)
-            state = tracking.training_state(resume) if resume else None
-            ckpt = train(run, recipe, splits, model, on_epoch, world, state)
-            upload(run, ckpt)
+            with tracking.heartbeat(run.id):
+                model = prepare(run, role, recipe, splits)
+                state = tracking.training_state(resume) if resume else None
+                ckpt = train(run, recipe, splits, model, on_epoch, world, state)
+                upload(run, ckpt)
     return run.id
 
 
-def prepare(run: tracking.Run, role: str, recipe: Recipe) -> tuple[data.Splits, nn.Module]:
+def prepare(run: tracking.Run, role: str, recipe: Recipe, splits: data.Splits) -> nn.Module:
     """The run's params, recipe, split, dataset inputs, starting weights and description."""
     run.log_params(params(recipe))
     run.log_recipe(to_yaml(recipe))
     torch.manual_seed(recipe.seed)
-    splits = data.load_splits(recipe)
     run.log_split(splits.fingerprint)
     if recipe.relabel:
         run.log_relabel(splits.relabelled, Path(recipe.relabel))
     run.log_datasets(data_parts(recipe, splits, ("training", "validation")))
-    model, start = initial_model(recipe, splits, run.experiment_id, role)
+    model, start = initial_model(recipe, splits, role)
     log.info("%s starts from %s (weights %s…)", role, start.source, start.digest[:12])
     run.log_start(start.digest, start.run_id)
     run.describe(training_note(role, recipe, splits, start, run.experiment_id))
     if role == "start" and recipe.start_mode == "probe":
         freeze_all_but_head(model)
-    return splits, model
+    return model
 
 
-def train_silently(role: str, recipe: Recipe, world: distributed.World) -> str:
+def train_silently(role: str, recipe: Recipe, splits: data.Splits, world: distributed.World) -> str:
     """A rank other than 0: the same split and model, its share of every batch, no tracking. Its
     starting weights are rank 0's (DistributedDataParallel broadcasts them)."""
     torch.manual_seed(recipe.seed)
-    splits = data.load_splits(recipe)
     model = create_model(recipe.model, len(splits.train.classes))
     if role == "start" and recipe.start_mode == "probe":
         freeze_all_but_head(model)

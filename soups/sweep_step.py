@@ -11,15 +11,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
 from soups import SoupsError, Stopped, data, options, tracking
-from soups.finetune import finetune
+from soups.finetune import finetune, make_start
 from soups.options import checked, option
 from soups.recipe import Recipe, load_recipe
+from soups.starts import auto_start, start_recipe
 from soups.sweep_study import (
     RUN_ATTR,
     DrawSampler,
@@ -197,11 +199,12 @@ def create_parent(study: optuna.Study, recipe: Recipe, opts: SweepOptions, own_r
 
 def sweep_start(recipe: Recipe, experiment_id: str) -> str:
     """The start every trial of the sweep loads: `auto` resolved once, here, to the newest matching
-    start run, so that a start made while the sweep runs never splits its trials in two."""
+    start run (trained now when there is none), so that a start made while the sweep runs never
+    splits its trials in two."""
     if recipe.start != "auto":
         return recipe.start
-    found = tracking.newest_start(experiment_id, recipe.model, data.load_splits(recipe).fingerprint)
-    return f"runs:/{found.info.run_id}"
+    split = data.load_splits(recipe).fingerprint
+    return auto_start(recipe, split, experiment_id, partial(make_start, start_recipe(recipe)))
 
 
 def summarise(study: optuna.Study, parent: tracking.Run) -> None:

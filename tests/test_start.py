@@ -68,22 +68,24 @@ def test_members_start_from_every_weight_of_the_start_run(recipe_path, tracking_
 
 
 @pytest.mark.slow
-def test_start_auto_without_a_start_run_is_one_line_and_leaves_no_run_running(recipe_path, tracking_uri):
+def test_a_wrong_data_folder_is_one_line_and_leaves_no_run_behind(recipe_path, tracking_uri, tmp_path):
+    """A typo in `data` is found before any run exists: no FAILED run named like an ingredient."""
     env = {"MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{sys.executable.rsplit('/', 1)[0]}:/usr/bin:/bin"}
     out = subprocess.run(
-        [sys.executable, "entrypoints/finetune.py", "--recipe", str(recipe_path), "--start", "auto"],
+        [sys.executable, "entrypoints/finetune.py", "--recipe", str(recipe_path), "--start", "auto"]
+        + ["--data", str(tmp_path / "no-such-folder")],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert out.returncode == 1
+    assert out.returncode == 1 and "Traceback" not in out.stderr
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("Error: start=auto: no finished start run for model test_efficientnet")
-    assert "mlflow run . -e start" in last and "Traceback" not in out.stderr
-    (run,) = runs_by_role("ingredient")
-    assert run.info.status == "FAILED" and tracking.SHA256 not in run.data.tags
+    assert last.startswith("Error: ") and "no-such-folder" in last
+    client = mlflow.MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert client.search_runs(experiments) == [], "no run created for a mistake in a parameter"
 
 
 def test_a_start_from_another_split_is_refused_by_name(recipe_path, tracking_uri, tmp_path, monkeypatch):
@@ -91,8 +93,9 @@ def test_a_start_from_another_split_is_refused_by_name(recipe_path, tracking_uri
     other = make_start(load_recipe(recipe_path, {"split_seed": 7}))
     with pytest.raises(SoupsError, match=f"start runs:/{other} was trained on split .* may have seen"):
         finetune(load_recipe(recipe_path, {"start": f"runs:/{other}"}))
-    with pytest.raises(SoupsError, match="start=auto: no finished start run"):
-        finetune(load_recipe(recipe_path, {"start": "auto"}))
+    # start=auto never takes a start of another split: it makes one for this split
+    member = tracking.get_run(finetune(load_recipe(recipe_path, {"start": "auto"})))
+    assert member.data.tags[tracking.START_RUN] not in ("", other)
 
 
 def test_random_init_members_share_their_start(recipe_path, tracking_uri):
@@ -222,3 +225,78 @@ def test_best_val_accuracy_is_the_best_epoch_not_the_last(recipe_path, tracking_
     run = mlflow.MlflowClient().get_run(finetune(load_recipe(recipe_path, {"epochs": 2})))
     m = run.data.metrics
     assert (m["val_accuracy"], m["best_val_accuracy"], m["best_val_epoch"]) == (0.6, 0.8, 1)
+
+
+@pytest.mark.slow
+def test_start_auto_into_an_empty_store_makes_the_start_then_the_member(
+    recipe_path, tracking_uri, tmp_path, monkeypatch
+):
+    """The first command a user types (`finetune -P i=3` with start: auto) works into an empty
+    store: the start is trained first, as `-e start` would (member 0's draw), then the member."""
+    monkeypatch.setenv("SOUPS_CACHE", str(tmp_path / "cache"))
+    member = tracking.get_run(finetune(load_recipe(recipe_path, {"i": 3, "start": "auto"})))
+    (start,) = runs_by_role("start")
+    assert start.info.status == "FINISHED" and tracking.SHA256 in start.data.tags
+    assert member.data.tags[tracking.START_RUN] == start.info.run_id
+    assert member.data.params["start"] == f"runs:/{start.info.run_id}"
+    assert start.data.params["i"] == "0" and start.data.params["epochs"] == "1"
+    assert start.data.params["seed"] == str(load_recipe(recipe_path, {"i": 0}).seed)
+    # the next member finds it: still one start
+    finetune(load_recipe(recipe_path, {"i": 4, "start": "auto"}))
+    assert len(runs_by_role("start")) == 1
+
+
+@pytest.mark.slow
+def test_a_start_whose_process_died_is_taken_over_not_waited_for(
+    recipe_path, tracking_uri, tmp_path, monkeypatch
+):
+    """A claimed start run left RUNNING by a killed process (its heartbeat stale) is marked FAILED
+    and the start is made again, instead of members waiting for it forever."""
+    from soups.tracking import start_claims
+
+    monkeypatch.setenv("SOUPS_CACHE", str(tmp_path / "cache"))
+    recipe = load_recipe(recipe_path, {"start": "auto"})
+    from soups import data
+
+    split = data.load_splits(recipe).fingerprint
+    experiment = tracking.ensure_experiment("starts")
+    dead = start_claims.claim(experiment, recipe.model, split, "start ft 1 ep")
+    mlflow.MlflowClient().set_tag(dead, tracking.HEARTBEAT, "0")
+    member = tracking.get_run(finetune(recipe))
+    assert mlflow.MlflowClient().get_run(dead).info.status == "FAILED"
+    made = member.data.tags[tracking.START_RUN]
+    assert made != dead and tracking.get_run(made).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_members_racing_into_an_empty_server_share_one_start(recipe_path, tmp_path, monkeypatch):
+    """Three fine-tunes started at once against a real `mlflow server` with no start run: one
+    trains the start, the others wait for it; all three start from its weights."""
+    import os
+
+    from tests.conftest import mlflow_server
+
+    with mlflow_server(tmp_path) as uri:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "SOUPS_CACHE": str(tmp_path / "cache")}
+        env.pop("MLFLOW_RUN_ID", None)
+        command = [sys.executable, str(ROOT / "entrypoints" / "finetune.py"), "--recipe", str(recipe_path)]
+        procs = [
+            subprocess.Popen(
+                [*command, "--i", str(i), "--start", "auto"],
+                env=env,
+                cwd=tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for i in range(3)
+        ]
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs), outputs
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        starts, members = runs_by_role("start"), runs_by_role("ingredient")
+    assert len(starts) == 1 and starts[0].info.status == "FINISHED", [r.info for r in starts]
+    assert len(members) == 3 and {r.info.status for r in members} == {"FINISHED"}
+    assert {r.data.tags[tracking.START_RUN] for r in members} == {starts[0].info.run_id}
+    assert len({r.data.tags[tracking.START] for r in members}) == 1
+    assert sum("waiting for start run" in out for out in outputs) >= 1, outputs

@@ -9,6 +9,7 @@ steps share (params, metrics, tags, artifact paths). Nothing else in soups impor
 - `checkpoints`: a run's or model's checkpoint as a checked local file
 - `sweeps`: a sweep's parent run, its setup, best trial and plots
 - `resume`: a run's training state kept and the run reopened in place
+- `start_claims`: `start: auto` as find or make, one start however many processes arrive at once
 - `registry`: registering a soup with its lineage and the `champion` alias
 - `served_model`: the soup as `mlflow models serve` runs it
 """
@@ -25,9 +26,11 @@ from soups.tracking.lifecycle import (  # noqa: F401
     ensure_experiment,
     flag_project_run,
     generated_name,
+    heartbeat,
     run_link,
     start,
     start_step,
+    step_experiment,
     take_project_run,
 )
 from soups.tracking.names import *  # noqa: F403  (every name, as tracking.NAME)
@@ -54,7 +57,6 @@ from soups.tracking.search import (  # noqa: F401
     ingredient_filter,
     member_of,
     model_of,
-    newest_start,
     parent_filter,
     pretrained_of,
     rank_score,
@@ -83,6 +85,12 @@ from soups.tracking.server import (  # noqa: F401
     quote,
     raising_unreachable,
     without_password,
+)
+from soups.tracking.start_claims import (  # noqa: F401
+    StartAction,
+    finished_start,
+    next_start_action,
+    start_status,
 )
 from soups.tracking.sweeps import (  # noqa: F401
     log_sweep_best,

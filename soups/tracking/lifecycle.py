@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -15,11 +16,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from soups import SoupsError, Stopped
-from soups.tracking.names import EXPERIMENT_KIND, HOLDS_SECRET, NOTE, ROLE, STOPPED
+from soups.tracking.names import EXPERIMENT_KIND, HEARTBEAT, HOLDS_SECRET, NOTE, ROLE, STOPPED
 from soups.tracking.runs import Run
 from soups.tracking.server import checked_run_id, configure
 
 log = logging.getLogger(__name__)
+HEARTBEAT_S = 30.0  # how often a training run says its process is alive (start_claims.STALE_S)
 
 
 def ensure_experiment(name: str) -> str:
@@ -53,15 +55,17 @@ def start(
     system_metrics: bool = False,
     experiment_note: str = "",
     resume: str = "",
+    claimed: str = "",
 ) -> Iterator[Run]:
     """Attach to the run `mlflow run` created (MLFLOW_RUN_ID), or start one in `experiment`; with
     `parent`, start a child run in the parent's experiment. The run is named `name` unless the
     user named it (`mlflow run --run-name`); with `system_metrics`, MLflow samples CPU, memory and
     GPU use while it runs. An experiment without a description gets `experiment_note`. The run
     ends FINISHED, FAILED on an exception, KILLED on Ctrl-C or when training was stopped early
-    (`soups.Stopped`). With `resume`, that run is reopened instead and keeps its name."""
+    (`soups.Stopped`). With `resume`, that run is reopened instead and keeps its name; with
+    `claimed`, the run this process created beforehand (a start it claimed) is the one."""
     configure()
-    run_id = None if parent else os.environ.get("MLFLOW_RUN_ID")
+    run_id = claimed or (None if parent else os.environ.get("MLFLOW_RUN_ID"))
     kw = {"log_system_metrics": True} if system_metrics else {}
     if resume:
         from soups.tracking.resume import reopen
@@ -96,7 +100,13 @@ def start(
 
 
 def start_step(
-    role: str, recipe, name: str, parent: Run | None = None, tags: dict | None = None, resume: str = ""
+    role: str,
+    recipe,
+    name: str,
+    parent: Run | None = None,
+    tags: dict | None = None,
+    resume: str = "",
+    claimed: str = "",
 ):
     """`start` for a step's run from its recipe: the recipe's experiment, its description for the
     experiment and its choice of system metrics."""
@@ -109,7 +119,42 @@ def start_step(
         system_metrics=recipe.system_metrics,
         experiment_note=recipe.description,
         resume=resume,
+        claimed=claimed,
     )
+
+
+def step_experiment(name: str, parent: Run | None = None) -> str:
+    """The experiment a step's run will be in, before it exists: its parent's, the one `mlflow
+    run` chose, or `name` (created when missing)."""
+    configure()
+    if parent is not None:
+        return parent.experiment_id
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id
+    return ensure_experiment(name)
+
+
+@contextmanager
+def heartbeat(run_id: str, every: float = HEARTBEAT_S) -> Iterator[None]:
+    """Keep tag `soups.heartbeat` of a run fresh from a background thread while the body runs, so
+    that others can tell a live run from one whose process is gone (a claimed start)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        client = MlflowClient()
+        while not stop.wait(every):
+            try:
+                client.set_tag(run_id, HEARTBEAT, str(time.time()))
+            except Exception as e:  # a lost beat is no reason to stop training
+                log.debug("heartbeat of run %s not written: %s", run_id, e)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{run_id[:8]}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def describe_experiment(experiment_id: str, note: str) -> None:

@@ -17,7 +17,6 @@ from soups.tracking.names import (
     PRETRAINED_PARAM,
     RANK_METRIC,
     ROLE,
-    SHA256,
     SPLIT,
     START,
     START_RUN,
@@ -120,31 +119,6 @@ def start_of(run) -> str | None:
 
 def start_run_of(run) -> str | None:
     return run.data.tags.get(START_RUN)
-
-
-def newest_start(experiment_id: str, model: str, split: str):
-    """The newest finished start run of an experiment for this model and held-out split, or an
-    error saying how to make one."""
-    clauses = [
-        f"tags.`{ROLE}` = 'start'",
-        "attributes.status = 'FINISHED'",
-        f"params.model = {quote(model)}",
-        f"tags.`{SPLIT}` = {quote(split)}",
-        f"tags.`{SHA256}` != ''",
-    ]
-    try:
-        runs = MlflowClient().search_runs(
-            [experiment_id], " and ".join(clauses), order_by=["attributes.start_time DESC"], max_results=1
-        )
-    except MlflowException as e:
-        raise SoupsError(f"search for start runs failed: {str(e).splitlines()[0]}") from None
-    if not runs:
-        raise SoupsError(
-            f"start=auto: no finished start run for model {model} on split {split} in experiment "
-            f"{experiment_name(experiment_id)!r}: run `mlflow run . -e start` first (same recipe), "
-            "or pass -P start=none"
-        )
-    return runs[0]
 
 
 def rank_score(run) -> float | None:
