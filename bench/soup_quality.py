@@ -139,10 +139,10 @@ def judge(sweep: Sweep, scorer: Scorer, test: EvalSet, methods: list[str]) -> di
         started = time.perf_counter()
         result = METHODS[name](Kitchen(cands, scorer, lambda: sweep.start))
         state = result.state_dict
-        if result.averaged and scorer.bn_images is not None:
-            state = {k: v.clone() for k, v in scorer.load(state, True).state_dict().items()}
+        if scorer.bn_images is not None:  # what ships is what was scored
+            state = {k: v.clone() for k, v in scorer.load(state).state_dict().items()}
         t0 = time.perf_counter()
-        logits = scorer.logits(state, test, False)
+        logits = scorer.logits(state, test, recalibrate=False)
         out["soup s/img"] = (time.perf_counter() - t0) / len(test)
         out[name] = metrics(logits, test.labels)["accuracy"]
         out[f"{name} val"] = result.accuracy

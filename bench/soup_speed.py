@@ -57,9 +57,9 @@ def seed_greedy(paths, samples, mean, std, workers: int, model_name: str, classe
     def loader(s):
         return torch.utils.data.DataLoader(SeedDataset(s, size), batch_size=128, num_workers=workers)
 
-    def score(state, averaged: bool) -> int:
+    def score(state) -> int:  # every model recalibrated alike, as the product's Scorer does
         model.load_state_dict(state)
-        if averaged and bn is not None:
+        if bn is not None:
             batches = (data.model_input(x, mean, std) for x, _ in loader(bn))
             torch.optim.swa_utils.update_bn(batches, model)
         model.eval()
@@ -79,9 +79,9 @@ def seed_greedy(paths, samples, mean, std, workers: int, model_name: str, classe
         }
 
     soup = [0]
-    best = score(average(soup), False)
+    best = score(average(soup))
     for k in range(1, len(paths)):
-        correct = score(average(soup + [k]), True)
+        correct = score(average(soup + [k]))
         if correct >= best:
             soup.append(k)
             best = correct
@@ -164,7 +164,7 @@ def main() -> None:
         val = EvalSet.from_decoded(data.decode(val_files, size, args.workers), n_cls)
         bn = EvalSet.from_decoded(data.decode(bn_files, size, args.workers), n_cls)
         scorer = Scorer(create_model(recipe.model, n_cls), val, mean, std, 2 * recipe.batch_size, "cpu", bn)
-        score = scorer.correct if early else (lambda s, m, a: scorer.correct(s, None, a))
+        score = scorer.correct if early else (lambda s, m: scorer.correct(s, None))
         cands = [Candidate(str(k), lambda p=p: load_checkpoint(p).state_dict) for k, p in enumerate(paths)]
         result = greedy_soup(cands, score, len(val))
         return [int(n) for n in result.ingredients], scorer

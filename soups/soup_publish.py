@@ -15,7 +15,8 @@ from soups.models import Checkpoint, save_checkpoint
 from soups.soup import METHODS
 
 if TYPE_CHECKING:
-    from soups.soup_step import Gathered, SoupReport
+    from soups.soup_report import SoupReport
+    from soups.soup_step import Gathered
 
 log = logging.getLogger(__name__)
 BASELINE = "uniform"  # always reported beside the chosen method
@@ -24,7 +25,7 @@ BASELINE = "uniform"  # always reported beside the chosen method
 def soup_name(report: SoupReport) -> str:
     """`greedy soup 2/4 (+0.40 val)`: method, ingredients kept of usable, val gain in points."""
     chosen = report.chosen
-    gain = 100 * (chosen.val_accuracy - report.best_val_accuracy)
+    gain = 100 * chosen.result.val_gain
     return f"{report.method} soup {chosen.n_ingredients}/{report.n_usable} ({gain:+.2f} val)"
 
 
@@ -44,9 +45,16 @@ def soup_note(report: SoupReport, g: Gathered, experiment_id: str) -> str:
         for row in report.table.to_dict("records")
     ]
     others = [
-        f"| {d.method} | {pct(d.val_accuracy)} | {pct(d.test_accuracy)} | {d.n_ingredients} |"
+        f"| {d.method} | {pct(d.val_accuracy)} | {pct(d.test_accuracy)} | "
+        f"{d.test_gain.describe() if d.test_gain else '-'} | {d.n_ingredients} |"
         for d in report.dishes
     ]
+    verdict = (
+        f"On test, the {report.method} soup's gain over the best ingredient is "
+        f"{report.chosen.test_gain.describe()}."
+        if report.chosen.test_gain
+        else "No test split: no test gain."
+    )
     return "\n".join(
         [
             f"**{report.method} soup** ({method_.paper}) of {report.n_usable} usable ingredients, "
@@ -57,10 +65,14 @@ def soup_note(report: SoupReport, g: Gathered, experiment_id: str) -> str:
             "| --- | --- | --- | --- | --- | --- | --- |",
             *rows,
             "",
-            f"Best ingredient: val {pct(report.best_val_accuracy)}, test {pct(report.best_test_accuracy)}.",
+            f"Best ingredient, scored as the soups are ({report.treatment}): val "
+            f"{pct(report.best_val_accuracy)}, test {pct(report.best_test_accuracy)} (val as trained "
+            f"{pct(report.best.logged_val_accuracy)}).",
             "",
-            "| method | val | test | ingredients |",
-            "| --- | --- | --- | --- |",
+            verdict,
+            "",
+            "| method | val | test | test gain over the best ingredient | ingredients |",
+            "| --- | --- | --- | --- | --- |",
             *others,
         ]
     )
@@ -70,7 +82,7 @@ def pct(x) -> str:
     return "-" if x is None or pd.isna(x) else f"{100 * x:.2f}%"
 
 
-def publish(run, report: SoupReport, g: Gathered, meta: Checkpoint, held_out: int, name: str) -> None:
+def publish(run, report: SoupReport, g: Gathered, meta: Checkpoint, rival, name: str) -> None:
     run.log_soup(report)
     run.rename(soup_name(report))
     run.describe(soup_note(report, g, run.experiment_id))
@@ -124,6 +136,6 @@ def publish(run, report: SoupReport, g: Gathered, meta: Checkpoint, held_out: in
             + ", ".join(tracking.run_link(r, g.top.info.experiment_id) for r in chosen.result.ingredients)
         )
         version, report.registry = run.register(
-            path, name, chosen.val_accuracy, g.splits.fingerprint, lineage, note
+            path, name, chosen.val_accuracy, g.splits.fingerprint, lineage, note, rival
         )
     log.info("registered %s version %d; %s", name, version, report.registry)

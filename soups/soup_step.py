@@ -9,22 +9,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
-import pandas as pd
-
 from soups import SoupsError, data, options, tracking
-from soups.evaluate import EvalSet, Scorer, default_device, has_batchnorm, metrics
-from soups.models import (
-    create_model,
-    normalisation,
-)
+from soups.evaluate import EvalSet, Scorer, default_device, has_batchnorm
+from soups.models import create_model, load_checkpoint, normalisation
 from soups.options import checked, option
 from soups.recipe import Recipe, registered_name
 from soups.run_notes import data_parts, rebuilt
-from soups.soup import METHODS, Kitchen, SoupResult, StateDict, method
+from soups.soup import METHODS, Kitchen, method
 from soups.soup_ingredients import Ingredients, held_out_sets, start_weights
 from soups.soup_publish import BASELINE, publish
+from soups.soup_report import Dish, SoupReport, assemble, best_ingredient, shipped
 
 log = logging.getLogger(__name__)
 BN_MODES = ("auto", "on", "off")
@@ -69,49 +66,6 @@ class SoupOptions:
 
 
 @dataclass
-class Dish:
-    """One method's soup as it would ship (BatchNorm statistics recomputed when it averages), or
-    why it could not be made."""
-
-    method: str
-    result: SoupResult | None
-    state: StateDict | None = None
-    test_accuracy: float | None = None
-    error: str = ""
-    work: tuple[int, int] = (0, 0)  # (held-out images scored, BatchNorm images forwarded) to cook it
-
-    @property
-    def val_accuracy(self) -> float | None:
-        return self.result.accuracy if self.result else None
-
-    @property
-    def n_ingredients(self) -> int:
-        return len(self.result.ingredients) if self.result else 0
-
-
-@dataclass
-class SoupReport:
-    run_id: str
-    method: str
-    params: dict
-    dishes: list[Dish]  # the chosen method's first
-    best_val_accuracy: float
-    best_test_accuracy: float | None
-    candidates: int
-    n_usable: int
-    images_scored: int
-    images_full: int
-    recalibration_images: int
-    downloaded: int
-    table: pd.DataFrame
-    registry: str = ""
-
-    @property
-    def chosen(self) -> Dish:
-        return self.dishes[0]
-
-
-@dataclass
 class Gathered:
     runs: list
     top: object
@@ -120,16 +74,27 @@ class Gathered:
     filter: str
 
 
-def gather(run: tracking.Run, recipe: Recipe, given: dict, opts: SoupOptions) -> Gathered:
-    """The ranked candidate runs and the held-out split rebuilt from the top run's params."""
+def gather(run: tracking.Run, recipe: Recipe, given: dict, opts: SoupOptions, split: str) -> Gathered:
+    """The ranked candidate runs, the best of them on the recipe's held-out split (`split`, its
+    fingerprint) and that split rebuilt from its params. Runs of other splits stay candidates, to
+    be listed as left out: a stray run on another split never decides the soup's split."""
     source = tracking.experiment_or_own(opts.source, run)
     extra = " and ".join(c for c in (opts.filter, tracking.parent_filter(opts.parent)) if c)
     runs = tracking.ranked_ingredients(source, extra or None, opts.max_candidates)
+    where = f" matching {extra!r}" if extra else ""
     if not runs:
-        where = f" matching {extra!r}" if extra else ""
         raise SoupsError(f"no finished ingredient runs in experiment {source}{where}: run finetune first")
-    ref, splits = rebuilt(runs[0], given)
-    return Gathered(runs, runs[0], ref, splits, extra)
+    top = next((r for r in runs if tracking.split_of(r) == split), None)
+    if top is None:
+        found = Counter(tracking.split_of(r) for r in runs)
+        raise SoupsError(
+            f"none of the {len(runs)} finished ingredient runs in experiment {source}{where} is on this "
+            f"recipe's split {split} (data={recipe.data}, split_seed={recipe.split_seed}); they are on "
+            + ", ".join(f"{s} ({n} runs)" for s, n in found.most_common(3))
+            + ": pass the recipe and data options they were trained with"
+        )
+    ref, splits = rebuilt(top, given)
+    return Gathered(runs, top, ref, splits, extra)
 
 
 def cook_all(opts: SoupOptions, kitchen_for, scorer: Scorer, recal: bool, test: EvalSet | None) -> list[Dish]:
@@ -146,46 +111,25 @@ def cook_all(opts: SoupOptions, kitchen_for, scorer: Scorer, recal: bool, test: 
             dishes.append(Dish(name, None, error=" ".join(str(e).split())))
             continue
         work = (scorer.images_scored - before[0], scorer.recalibration_images - before[1])
-        # The soup that ships is the one that was scored: averaged weights with the BatchNorm
-        # statistics recomputed on training images (when recalibration is on).
-        state = result.state_dict
-        if result.averaged and recal:
-            state = {k: v.detach().clone() for k, v in scorer.load(state, averaged=True).state_dict().items()}
-        accuracy = metrics(scorer.logits(state, test, False), test.labels)["accuracy"] if test else None
-        dishes.append(Dish(name, result, state, accuracy, work=work))
+        state, correct = shipped(result.state_dict, scorer, recal, test)
+        dishes.append(Dish(name, result, state, correct, work=work))
         log.info("%s soup: val %.4f, %d ingredient(s)", name, result.accuracy, len(result.ingredients))
     return dishes
-
-
-def ingredient_table(steps, by_id: dict, own_test: dict, held_out: int) -> pd.DataFrame:
-    return pd.DataFrame(
-        [
-            {
-                "rank": s.rank,
-                "run_id": s.name,
-                "i": tracking.member_of(by_id[s.name]),
-                "val_accuracy": tracking.rank_score(by_id[s.name]),
-                "test_accuracy": own_test.get(s.name),
-                "status": s.status,
-                "reason": s.reason,
-                "soup_val_accuracy": None if s.soup_correct is None else s.soup_correct / held_out,
-            }
-            for s in steps
-        ]
-    )
 
 
 def make_soup(
     recipe: Recipe, given: dict, opts: SoupOptions, registered_model: str | None = None
 ) -> SoupReport:
-    """Rank, cook and register a soup from the finished ingredient runs of an experiment.
-    `given` holds the data options the user passed explicitly (they beat the runs' params)."""
+    """Rank, cook and register a soup from the finished ingredient runs of an experiment, on the
+    recipe's held-out split. `given` holds the data options the user passed explicitly (they beat
+    the runs' params)."""
     chosen = method(opts.method)
     opts.methods()  # every compared name is a method: fail before any work
     params = chosen.resolve(opts.method_params)
     checked(opts)
+    split = data.load_splits(recipe).fingerprint  # a wrong data folder fails before any run exists
     with tracking.start_step("soup", recipe, f"{opts.method} soup") as run:
-        g = gather(run, recipe, given, opts)
+        g = gather(run, recipe, given, opts, split)
         run.log_split(g.splits.fingerprint)
         run.log_datasets(data_parts(g.ref, g.splits, ("validation", "test")))
         num_classes = tracking.classes_of(g.top)
@@ -198,40 +142,34 @@ def make_soup(
         start = functools.cache(lambda: start_weights(g.top, g.ref, num_classes))
         log.info("%s soup over %d candidate runs, held-out %d images", opts.method, len(g.runs), len(val))
         dishes = cook_all(opts, lambda: Kitchen(ingredients.candidates(), scorer, start), scorer, recal, test)
-        report = _report(run, g, opts, params, dishes, ingredients, scorer, test, dishes[0].work)
+        best = best_ingredient(dishes[0].result, ingredients, g.runs, scorer, recal, test)
+        params = {**options.params(opts), **params}
+        report = assemble(run.id, g.runs, params, dishes, best, ingredients, scorer, test)
         name = registered_model or registered_name(
             dataclasses.replace(g.ref, registered_model=recipe.registered_model)
         )
-        publish(run, report, g, ingredients.meta, len(val), name)
+        champion = champion_score(name, g.splits.fingerprint, dishes[0], scorer)
+        publish(run, report, g, ingredients.meta, champion, name)
     return report
 
 
-def _report(run, g: Gathered, opts, params, dishes, ingredients, scorer, test, scored) -> SoupReport:
-    result = dishes[0].result
-    by_id = {r.info.run_id: r for r in g.runs}
-    usable = [s.name for s in result.steps if s.status != "skipped"]
-    # Each usable ingredient's own test score: the one `evaluate` logged into its run (same split,
-    # so the same images), else scored here, reloaded one at a time from the cache.
-    own_test = {}
-    for name in usable:
-        logged = tracking.test_score(by_id[name])
-        if logged is None and test is not None:
-            state = ingredients.load(by_id[name])
-            logged = metrics(scorer.logits(state, test, False), test.labels)["accuracy"]
-        own_test[name] = logged
-    best_id = next(s.name for s in result.steps if s.status != "skipped")
-    return SoupReport(
-        run.id,
-        opts.method,
-        {**options.params(opts), **params},
-        dishes,
-        tracking.rank_score(by_id[best_id]),
-        own_test[best_id],
-        len(g.runs),
-        len(usable),
-        scored[0],
-        len(usable) * scorer.size,
-        scored[1],
-        ingredients.downloaded,
-        ingredient_table(result.steps, by_id, own_test, result.held_out),
-    )
+def champion_score(name: str, split: str, chosen: Dish, scorer: Scorer) -> tracking.Rival | None:
+    """The current champion scored here, on the very images the chosen soup was scored on, with
+    the same BatchNorm treatment: the alias moves on a like-with-like comparison only. None when
+    there is no champion yet."""
+    champ = tracking.champion(name)
+    if champ is None:
+        return None
+    where = f"{name}@{tracking.CHAMPION} (version {champ.version})"
+    run = tracking.get_run(champ.run_id) if champ.run_id else None
+    if run is None or tracking.split_of(run) != split:
+        theirs = tracking.split_of(run) if run else "unknown"
+        return tracking.Rival(
+            champ.version, None, f"{where} was made on split {theirs}, this soup on {split}"
+        )
+    try:
+        state = load_checkpoint(tracking.cached_checkpoint(run)[0]).state_dict
+        on = scorer if chosen.result.scored_on is None else scorer.subset(chosen.result.scored_on)
+        return tracking.Rival(champ.version, on.correct(state) / on.size, "")
+    except (SoupsError, RuntimeError) as e:  # another architecture under the same name, or gone
+        return tracking.Rival(champ.version, None, f"{where} cannot be scored here: {str(e).splitlines()[0]}")

@@ -237,9 +237,9 @@ def test_greedy_soup_selects_on_val_only(tmp_path, tracking_uri, mask_root, monk
         state["reads"].append((state["selecting"], "held_out", len(self.held_out)))
         return real_correct(self, *args, **kwargs)
 
-    def logits(self, st, evalset=None, averaged=True):
+    def logits(self, st, evalset=None, recalibrate=True):
         state["reads"].append((state["selecting"], "logits", len(evalset or self.held_out)))
-        return real_logits(self, st, evalset, averaged)
+        return real_logits(self, st, evalset, recalibrate)
 
     monkeypatch.setitem(METHODS, "greedy", dataclasses.replace(greedy, cook=watched))
     monkeypatch.setattr(Scorer, "correct", correct)
@@ -303,7 +303,5 @@ def test_bn_recalibration_reads_training_images_only_and_the_shipped_soup_scores
     run = tracking.get_run(report.run_id)
     shipped = load_checkpoint(tracking.cached_checkpoint(run)[0])
     val = EvalSet.from_decoded(real_decode(splits.val, shipped.img_size), shipped.num_classes)
-    correct = Scorer(shipped.build(), val, shipped.mean, shipped.std).correct(
-        shipped.state_dict, None, averaged=False
-    )
+    correct = Scorer(shipped.build(), val, shipped.mean, shipped.std).correct(shipped.state_dict)
     assert report.chosen.n_ingredients == 3 and correct == round(run.data.metrics["val_accuracy"] * len(val))

@@ -84,8 +84,8 @@ def test_every_method_makes_a_loadable_soup_whose_count_is_honest(sweep, name):
     # The count it reports is what the soup scores on the images it was scored on.
     held = scorer if result.held_out == scorer.size else None
     if held is not None:
-        assert held.correct(result.state_dict, None, result.averaged) == result.correct
-        assert held.correct(sweep["members"][0], None, False) == result.best_correct
+        assert held.correct(result.state_dict) == result.correct
+        assert held.correct(sweep["members"][0]) == result.best_correct
     else:
         assert name == "learned" and result.held_out < scorer.size
 
@@ -106,11 +106,11 @@ def test_streaming_methods_hold_a_flat_number_of_tensors(sweep, name):
         scorer = scorer_of(sweep, bn=False)
         real, peak = scorer.correct, 0
 
-        def counting(state, max_errors=None, averaged=True, real=real):
+        def counting(state, max_errors=None, real=real):
             nonlocal peak
             gc.collect()
             peak = max(peak, sum(isinstance(o, torch.Tensor) for o in gc.get_objects()))
-            return real(state, max_errors, averaged)
+            return real(state, max_errors)
 
         scorer.correct = counting
         stream = (
@@ -179,7 +179,7 @@ class Alphas:
     def __init__(self, table, size=100):
         self.table, self.size, self.calls = table, size, []
 
-    def correct(self, state, max_errors=None, averaged=True):
+    def correct(self, state, max_errors=None):
         alpha = round(float(state["w"]), 2)
         self.calls.append((alpha, max_errors))
         correct = self.table.get(alpha, 50)

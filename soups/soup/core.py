@@ -16,10 +16,11 @@ import torch
 from soups import SoupsError
 
 StateDict = dict[str, torch.Tensor]
-# score(state_dict, max_errors, averaged) -> correct predictions on the held-out set, or None as
-# soon as the errors exceed max_errors (None: never stop early). Counts, not floats, decide.
-# `averaged` says the weights are a mean of several models (BatchNorm statistics need recomputing).
-Score = Callable[[StateDict, int | None, bool], int | None]
+# score(state_dict, max_errors) -> correct predictions on the held-out set, or None as soon as the
+# errors exceed max_errors (None: never stop early). Counts, not floats, decide. The scorer treats
+# every state dict alike, single model or average (BatchNorm statistics recomputed for all or for
+# none), so a gain is never the treatment's.
+Score = Callable[[StateDict, int | None], int | None]
 
 
 class RunningAverage:
@@ -115,6 +116,7 @@ class SoupResult:
     averaged: bool  # the weights mix several models: BatchNorm statistics need recomputing
     curve: list[tuple[int, int]] = field(default_factory=list)  # (x, correct): the method's own curve
     details: dict[str, float] = field(default_factory=dict)  # method-specific numbers worth logging
+    scored_on: torch.Tensor | None = None  # indices of the held-out images it was scored on (None: all)
 
     @property
     def accuracy(self) -> float:
@@ -123,6 +125,11 @@ class SoupResult:
     @property
     def best_accuracy(self) -> float:
         return self.best_correct / self.held_out
+
+    @property
+    def val_gain(self) -> float:
+        """Over the best ingredient, on the same images with the same treatment."""
+        return self.accuracy - self.best_accuracy
 
 
 def usable(candidates: Iterable[Candidate], soup: RunningAverage, steps: list[Step]):

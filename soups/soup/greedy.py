@@ -28,12 +28,12 @@ def greedy_soup(candidates: Iterable[Candidate], score: Score, held_out: int, ti
     for rank, name, state in usable(candidates, soup, steps):
         if not soup.count:  # the best usable ingredient starts the soup
             soup.add(state)
-            best = current = score(state, None, False)
+            best = current = score(state, None)
             names.append(name)
             steps.append(Step(rank, name, "kept", "best ingredient", current))
             continue
         allowed = held_out - current - (tie == "strict")  # errors the candidate soup may make
-        correct = score(soup.average(plus=state), allowed, True)
+        correct = score(soup.average(plus=state), allowed)
         if correct is not None and (correct > current or (tie == "ge" and correct == current)):
             soup.add(state)
             names.append(name)

@@ -59,7 +59,7 @@ def cook(kitchen: Kitchen) -> SoupResult:
     soup, deltas, steps, names, best = RunningAverage(), UnitDeltas(start), [], [], 0
     for rank, name, state in usable(kitchen.candidates, soup, steps):
         if not soup.count:
-            best = kitchen.scorer.correct(state, None, False)
+            best = kitchen.scorer.correct(state)
         soup.add(state)
         deltas.add(state)
         names.append(name)
@@ -75,6 +75,6 @@ def cook(kitchen: Kitchen) -> SoupResult:
         t = interpolation_ratio(n, deltas.mean_cos(k))
         ratios.append(t)
         out[k] = (t * avg.double() + (1 - t) * start[k].double()).to(avg.dtype)
-    correct = kitchen.scorer.correct(out, None, True) if n > 1 else best
+    correct = kitchen.scorer.correct(out) if n > 1 else best
     details = {"mean_ratio": sum(ratios) / max(len(ratios), 1)}
     return SoupResult(out, names, steps, best, correct, kitchen.scorer.size, n > 1, details=details)

@@ -18,9 +18,7 @@ class HeldOut(Protocol):
 
     size: int
 
-    def correct(
-        self, state: StateDict, max_errors: int | None = None, averaged: bool = True
-    ) -> int | None: ...
+    def correct(self, state: StateDict, max_errors: int | None = None) -> int | None: ...
 
 
 @dataclass

@@ -12,7 +12,7 @@ def average_all(kitchen: Kitchen, note: str) -> tuple[RunningAverage, list[str],
     soup, steps, names, best = RunningAverage(), [], [], 0
     for rank, name, state in usable(kitchen.candidates, soup, steps):
         if not soup.count:
-            best = kitchen.scorer.correct(state, None, False)
+            best = kitchen.scorer.correct(state)
         soup.add(state)
         names.append(name)
         steps.append(Step(rank, name, "kept", note, None))
@@ -29,5 +29,5 @@ def average_all(kitchen: Kitchen, note: str) -> tuple[RunningAverage, list[str],
 def cook(kitchen: Kitchen) -> SoupResult:
     soup, names, steps, best = average_all(kitchen, "uniform")
     state = soup.average()
-    correct = kitchen.scorer.correct(state, None, True) if soup.count > 1 else best
+    correct = kitchen.scorer.correct(state) if soup.count > 1 else best
     return SoupResult(state, names, steps, best, correct, kitchen.scorer.size, soup.count > 1)

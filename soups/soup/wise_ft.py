@@ -33,9 +33,7 @@ def cook(kitchen: Kitchen, wise_steps: int) -> SoupResult:
         alpha = j / max(1, wise_steps)
         mixed = interpolate(average, start, alpha)
         # A candidate must beat the best so far strictly: stop scoring once it cannot.
-        correct = kitchen.scorer.correct(
-            mixed, size - chosen_correct - 1 if chosen is not None else None, True
-        )
+        correct = kitchen.scorer.correct(mixed, size - chosen_correct - 1 if chosen is not None else None)
         if correct is not None:
             curve.append((round(100 * alpha), correct))
             if correct > chosen_correct:

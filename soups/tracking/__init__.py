@@ -36,6 +36,8 @@ from soups.tracking.lifecycle import (  # noqa: F401
 from soups.tracking.names import *  # noqa: F403  (every name, as tracking.NAME)
 from soups.tracking.registry import (  # noqa: F401
     Lineage,
+    Rival,
+    champion,
     model_version,
     promote,
     register,

@@ -53,6 +53,35 @@ class Lineage:
         }
 
 
+@dataclass(frozen=True)
+class Rival:
+    """The champion a new soup is compared with: its version and its val accuracy as the soup step
+    measured it on the soup's own images with the same treatment (None: it could not be, `why`)."""
+
+    version: str
+    val_accuracy: float | None
+    why: str = ""
+
+
+def champion(name: str):
+    """The version `name@champion` points at, or None when there is none yet. Only "no such model
+    or alias" means none: any other failure (a 401, a 5xx, a timeout) is an error, so that a read
+    that failed never lets a soup overwrite the alias."""
+    try:
+        return MlflowClient().get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as e:
+        # MLflow says "alias not found" as INVALID_PARAMETER_VALUE, a missing model as
+        # RESOURCE_DOES_NOT_EXIST: either means no champion, nothing else does.
+        missing = e.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+            e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(e)
+        )
+        if missing:
+            return None
+        raise SoupsError(
+            f"could not read {name}@{CHAMPION} on {mlflow.get_tracking_uri()}: {str(e).splitlines()[0]}"
+        ) from None
+
+
 def register(
     checkpoint: Path,
     name: str,
@@ -60,11 +89,12 @@ def register(
     split: str,
     lineage: Lineage | None = None,
     note: str = "",
+    rival: Rival | None = None,
 ) -> tuple[int, str]:
     """Log the soup as an MLflow model serving images (in the active run), register it as a
     version of `name` with its lineage and description, and move alias `champion` to it when it
-    beats the champion's val accuracy on the same split. Returns the version and what happened to
-    the alias."""
+    beats `rival` (the champion, scored on the same images) on val. Returns the version and what
+    happened to the alias."""
     info = mlflow.pyfunc.log_model(
         name=MODEL_NAME,
         python_model=str(Path(__file__).parent / "served_model.py"),
@@ -83,36 +113,36 @@ def register(
             name,
             description=f"Model soups made by soups; `models:/{name}@{CHAMPION}` is the best on val.",
         )
-    return version, promote(name, version, val_accuracy, split)
+    return version, promote(name, version, val_accuracy, split, rival)
 
 
-def promote(name: str, version: int, val_accuracy: float, split: str) -> str:
-    """Move alias `champion` of `name` to `version` when it beats the current champion's val
-    accuracy on the same held-out split (a tie keeps the champion)."""
+def promote(name: str, version: int, val_accuracy: float, split: str, rival: Rival | None) -> str:
+    """Move alias `champion` of `name` to `version` when there is none, or when it beats the
+    champion's val accuracy measured on the same images (a tie keeps the champion)."""
     client = MlflowClient()
-    try:
-        champ = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        champ = None
-    if champ is None or champ.run_id is None:
+
+    def move(why: str) -> str:
         client.set_registered_model_alias(name, CHAMPION, str(version))
-        why = f"the first {CHAMPION} (val {val_accuracy:.4f} on split {split})"
         client.set_model_version_tag(name, str(version), CHAMPION_WHY, why)
-        return f"{name} version {version} is {why}"
-    data = client.get_run(champ.run_id).data
-    theirs, their_split = data.metrics.get(RANK_METRIC), data.tags.get(SPLIT)
-    if their_split != split:
+        return f"{name}@{CHAMPION} moved to version {version}: {why}"
+
+    if rival is None:  # there was no champion when the soup step looked: is there one now?
+        current = champion(name)
+        if current is None:
+            return move(f"the first {CHAMPION} (val {val_accuracy:.4f} on split {split})")
+        return f"{name}@{CHAMPION} stays version {current.version}, made while this soup was cooked"
+    if rival.val_accuracy is None:
         return (
-            f"{name}@{CHAMPION} stays version {champ.version}: it was scored on split {their_split}, this "
-            f"soup on {split} (move it by hand: MlflowClient().set_registered_model_alias)"
+            f"{name}@{CHAMPION} stays version {rival.version}: {rival.why} (move it by hand if you mean to)"
         )
-    if theirs is None or val_accuracy > theirs:
-        client.set_registered_model_alias(name, CHAMPION, str(version))
-        why = f"val {val_accuracy:.4f} beats version {champ.version}'s {theirs} on split {split}"
-        client.set_model_version_tag(name, str(version), CHAMPION_WHY, why)
-        return f"{name}@{CHAMPION} moved to version {version}: val {val_accuracy:.4f} beats {theirs}"
+    if val_accuracy > rival.val_accuracy:
+        return move(
+            f"val {val_accuracy:.4f} beats version {rival.version}'s {rival.val_accuracy:.4f}, both scored "
+            f"on the same images of split {split}"
+        )
     return (
-        f"{name}@{CHAMPION} stays version {champ.version}: val {theirs:.4f} >= this soup's {val_accuracy:.4f}"
+        f"{name}@{CHAMPION} stays version {rival.version}: val {rival.val_accuracy:.4f} >= this soup's "
+        f"{val_accuracy:.4f} on the same images"
     )
 
 

@@ -208,10 +208,11 @@ class Run:
             "n_ingredients": chosen.n_ingredients,
             "best_ingredient_val_accuracy": soup.best_val_accuracy,
             "best_ingredient_test_accuracy": soup.best_test_accuracy,
-            "val_gain_over_best_ingredient": chosen.val_accuracy - soup.best_val_accuracy,
-            "test_gain_over_best_ingredient": None
-            if chosen.test_accuracy is None or soup.best_test_accuracy is None
-            else chosen.test_accuracy - soup.best_test_accuracy,
+            "best_ingredient_logged_val_accuracy": soup.best.logged_val_accuracy,
+            # on the same images with the same treatment (a learned soup: the part of val it did
+            # not fit on, against the best ingredient on that part)
+            "val_gain_over_best_ingredient": chosen.result.val_gain,
+            **gain_metrics("test_gain_over_best_ingredient", chosen.test_gain),
             "n_usable": soup.n_usable,
             "held_out_images_scored": soup.images_scored,
             "held_out_images_full_evaluation": soup.images_full,
@@ -224,6 +225,8 @@ class Run:
                 metrics |= {
                     f"{dish.method}_val_accuracy": dish.val_accuracy,
                     f"{dish.method}_test_accuracy": dish.test_accuracy,
+                    f"{dish.method}_val_gain_over_best_ingredient": dish.result.val_gain,
+                    **gain_metrics(f"{dish.method}_test_gain_over_best_ingredient", dish.test_gain),
                     f"{dish.method}_n_ingredients": dish.n_ingredients,
                     **{f"{dish.method}_{k}": v for k, v in dish.result.details.items()},
                 }
@@ -262,11 +265,19 @@ class Run:
         split: str,
         lineage: registry.Lineage | None = None,
         note: str = "",
+        rival: registry.Rival | None = None,
     ) -> tuple[int, str]:
         """`registry.register`, from this run (the active one)."""
-        return registry.register(checkpoint, name, val_accuracy, split, lineage, note)
+        return registry.register(checkpoint, name, val_accuracy, split, lineage, note, rival)
 
 
 def log_scores(run_id: str, split: str, scores: dict[str, float]) -> None:
     """Held-out scores into an (already finished) ingredient run, as `<split>_<metric>`."""
     Run(run_id).log_metrics({f"{split}_{k}": v for k, v in scores.items()})
+
+
+def gain_metrics(name: str, gain) -> dict[str, float | None]:
+    """A `significance.Gain` as metrics: the gain, its 95% interval and its p-value."""
+    if gain is None:
+        return {}
+    return {name: gain.gain, f"{name}_low": gain.low, f"{name}_high": gain.high, f"{name}_p": gain.p_value}

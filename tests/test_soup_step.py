@@ -1,0 +1,65 @@
+"""The soup step compares like with like: the recipe's split decides the soup's, the best
+ingredient is scored as the soups are, each gain has its interval, and the champion moves on a
+comparison made on the same images."""
+
+import mlflow
+import pytest
+
+from soups import tracking
+from soups.finetune import finetune
+from soups.recipe import load_recipe
+from soups.soup_step import SoupOptions, make_soup
+from tests.conftest import TINY, write_recipe
+
+
+@pytest.fixture
+def recipe_path(tmp_path, fmnist_root):
+    return write_recipe(
+        tmp_path / "tiny.yaml",
+        experiment="like",
+        data=str(fmnist_root),
+        layout="fashion-mnist",
+        start="auto",
+        **{**TINY, "epochs": 1, "start_epochs": 1},
+        space={"seed": {"int": [0, 999]}, "lr": {"log_uniform": [1e-3, 3e-3]}},
+    )
+
+
+@pytest.mark.slow
+def test_soups_are_made_for_the_recipes_split_and_compared_like_with_like(
+    recipe_path, tracking_uri, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SOUPS_CACHE", str(tmp_path / "cache"))
+    members = [finetune(load_recipe(recipe_path, {"i": i})) for i in range(3)]
+    stray = finetune(load_recipe(recipe_path, {"i": 3, "split_seed": 7}))
+    client = mlflow.MlflowClient()
+    client.log_metric(stray, tracking.RANK_METRIC, 1.0, step=99)  # it ranks first
+
+    report = make_soup(load_recipe(recipe_path), {}, SoupOptions(bn_recalibrate="on"))
+    table = report.table.set_index("run_id")
+    assert table.loc[stray, "status"] == "skipped" and "another split" in table.loc[stray, "reason"]
+    assert report.best.run_id in members and set(report.chosen.result.ingredients) <= set(members)
+    # the best ingredient is scored as the soups are: recomputed statistics, the soup's images
+    assert report.best.val_accuracy == report.chosen.result.best_accuracy
+    assert "recomputed" in report.treatment
+    gain = report.chosen.test_gain
+    assert gain is not None and gain.low <= gain.gain <= gain.high and gain.n == 50
+    assert gain.gain == pytest.approx(report.chosen.test_accuracy - report.best_test_accuracy)
+    run = tracking.get_run(report.run_id)
+    m = run.data.metrics
+    assert m["test_gain_over_best_ingredient_low"] <= m["test_gain_over_best_ingredient"]
+    assert m["val_gain_over_best_ingredient"] == pytest.approx(report.chosen.result.val_gain)
+    assert "from zero" in run.data.tags[tracking.NOTE]
+
+    # A learned soup is scored on the half of val it did not fit on: its gain, and the champion it
+    # is compared with, are measured on that half too.
+    learned = make_soup(load_recipe(recipe_path), {}, SoupOptions(method="learned", bn_recalibrate="on"))
+    result = learned.chosen.result
+    assert (
+        result.scored_on is not None
+        and result.held_out == len(result.scored_on) < report.chosen.result.held_out
+    )
+    assert tracking.get_run(learned.run_id).data.metrics["val_gain_over_best_ingredient"] == (
+        pytest.approx(result.accuracy - result.best_accuracy)
+    )
+    assert "same images" in learned.registry, learned.registry
