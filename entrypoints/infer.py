@@ -8,18 +8,21 @@ from soups.recipe import load_recipe
 
 
 @click.command(
-    help="Predict the recipe's test images (mask: eval/info.csv + eval/images; Fashion-MNIST: its test "
-    "split; image folder: every image under --data) with the registered soup, optionally next to an "
-    "ensemble; write predictions.csv (mask: the competition's ImageID,ans) into an inference run."
+    help="Predict the test split of the model's data, rebuilt from the run that trained it (mask: the "
+    "competition's eval/info.csv + eval/images; --whole_folder: every image under --data, unscored) "
+    "with the registered soup, optionally next to an ensemble; write predictions.csv (mask: the "
+    "competition's ImageID,ans) into an inference run."
 )
 @recipe_options("experiment", "data", "layout", "workers", "skip_bad", "registered_model", "max_test")
 @step_options(InferOptions)
 def main(recipe, **options):
     opts = step_values(InferOptions, options)
     cfg = run_cli(lambda: load_recipe(recipe, given(options)))
-    out = run_cli(lambda: infer(cfg, opts))
+    data_options = given({k: options[k] for k in ("data", "layout")})
+    out = run_cli(lambda: infer(cfg, opts, data_options))
     skipped = f", {len(out.skipped)} unreadable marked -1" if out.skipped else ""
     click.echo(f"predictions.csv: {out.rows} rows{skipped}" + (f" -> {out.output}" if out.output else ""))
+    click.echo(f"predicted {out.what}")
     rows = [(label, acc, None) for label, acc in out.soup_run.items()]
     rows += [(f"{k}: {p.name}", p.accuracy, p.seconds_per_image) for k, p in out.results.items()]
     click.echo(f"{'':<48} {'test accuracy':>14} {'ms / image':>11}")

@@ -8,6 +8,7 @@ a group.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import re
 from collections.abc import Sequence
@@ -23,8 +24,6 @@ from tqdm.auto import tqdm
 from soups import SoupsError
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 @dataclass(frozen=True)
@@ -77,66 +76,23 @@ class Splits:
     relabelled: tuple = ()  # (key, old label, new label) of every corrected image
 
 
-def _images_under(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTS and not any(s.startswith(".") for s in p.parts) and p.is_file()
-    )
-
-
-def class_folders(folder: Path, base: Path, classes: list[str] | None = None) -> Samples:
-    """Images under `folder/<class>/`, keyed by their path relative to `base`."""
-    found = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not found:
-        raise SoupsError(f"no class folders in {folder} (imagefolder layout: <root>/<class>/<image>)")
-    classes = classes or found
-    unknown = sorted(set(found) - set(classes))
-    if unknown:
-        raise SoupsError(f"{folder} has class folders {unknown} that the training classes lack")
-    keys, labels = [], []
-    for name in found:
-        images = _images_under(folder / name)
-        if not images:
-            raise SoupsError(f"class folder {folder / name} has no images ({', '.join(sorted(IMAGE_EXTS))})")
-        keys += [str(p.relative_to(base)) for p in images]
-        labels += [classes.index(name)] * len(images)
-    return Samples(keys, np.asarray(labels, dtype=np.int64), list(keys), classes, base)
-
-
-def inside(root: Path, relative: str, what: str) -> Path:
-    """`root / relative`, refusing paths that escape `root` (`..`, absolute paths, symlinks out)."""
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root.resolve()):
-        raise SoupsError(f"{what}: path {relative!r} points outside the dataset root {root}")
-    return path
-
-
 def data_root(data: str | Path) -> Path:
     root = Path(data).expanduser()
     if not str(data) or not root.is_dir():
-        raise SoupsError(f"data folder {str(data)!r} not found (set `data` to the dataset root)")
+        raise SoupsError(
+            f"data folder {str(data)!r} not found: for the demo's Fashion-MNIST run `make data` "
+            "(installs Debian's dataset-fashion-mnist there); for your own images pass -P data=<folder> "
+            "(one sub-folder per class: -P layout=imagefolder; README: Your own data)"
+        )
     return root
-
-
-def unlabelled(root: Path, classes: list[str]) -> Samples:
-    """Every image under `root`; labelled (by its first folder) only when every image sits in a
-    folder named after one of `classes`."""
-    paths = _images_under(root)
-    if not paths:
-        raise SoupsError(f"no images under {root} ({', '.join(sorted(IMAGE_EXTS))})")
-    keys = [str(p.relative_to(root)) for p in paths]
-    tops = [Path(k).parts[0] if len(Path(k).parts) > 1 else None for k in keys]
-    labelled = all(t in classes for t in tops)
-    labels = [classes.index(t) if labelled else -1 for t in tops]
-    return Samples(keys, np.asarray(labels, np.int64), keys, list(classes), root)
 
 
 # ---------------------------------------------------------------------------------------------
 # Splits
 
 
-def _cap(samples: Samples, n: int, seed: int) -> Samples:
+def capped(samples: Samples, n: int, seed: int) -> Samples:
+    """At most `n` of `samples` (0: all), drawn with `seed`, in their order."""
     if not n or len(samples) <= n:
         return samples
     return samples.subset(np.sort(np.random.default_rng(seed).choice(len(samples), n, replace=False)))
@@ -169,6 +125,19 @@ def fingerprint(val: Samples, test: Samples) -> str:
     return h.hexdigest()[:16]
 
 
+def _refuse_shared(parts: dict[str, Samples], where: str) -> None:
+    """A file or a group (one person) in two parts leaks: a model would be scored on what it
+    trained or was chosen on. Cut parts never share a group; parts a layout supplies (its val /
+    test lists, or one file listed twice) can, so every split is checked here, for every layout."""
+    for (a, one), (b, other) in itertools.combinations(parts.items(), 2):
+        for what, mine, theirs in (("file", one.keys, other.keys), ("group", one.groups, other.groups)):
+            if shared := sorted(set(mine) & set(theirs)):
+                raise SoupsError(
+                    f"{where}: {a} and {b} share {len(shared)} {what}{'s' * (len(shared) > 1)}, e.g. "
+                    f"{shared[0]!r}: put each {what} in one part only"
+                )
+
+
 def make_splits(
     parts: dict[str, Samples | None],
     val_ratio: float,
@@ -178,9 +147,9 @@ def make_splits(
     max_val: int = 0,
     max_test: int = 0,
 ) -> Splits:
-    """Cut missing val / test splits from the pool by group; cap sizes; all a pure function of the
-    inputs. The pool's groups are shuffled with `split_seed`, never its images, so a group's
-    images always land together."""
+    """Cut missing val / test splits from the pool by group; refuse parts that share a file or a
+    group; cap sizes; all a pure function of the inputs. The pool's groups are shuffled with
+    `split_seed`, never its images, so a group's images always land together."""
     for name, ratio in (("val_ratio", val_ratio), ("test_ratio", test_ratio)):
         if not 0 <= ratio < 1:
             raise SoupsError(f"{name}={ratio} must be in [0, 1)")
@@ -197,14 +166,17 @@ def make_splits(
     train = cut["train"]
     val = parts["val"] if parts["val"] is not None else cut["val"]
     test = parts["test"] if parts["test"] is not None else cut["test"]
+    _refuse_shared(
+        {"train": train, "val": val, "test": test}, f"{parts.get('layout', 'a')} layout at {pool.root}"
+    )
     if not len(train) or not len(val):
         raise SoupsError(
             f"{pool.root}: {len(groups)} groups leave {len(train)} training and {len(val)} validation "
             "images; add data or change val_ratio / test_ratio"
         )
-    train = _cap(train, max_train, split_seed)
-    val = _cap(val, max_val, split_seed + 1)
-    test = _cap(test, max_test, split_seed + 2)
+    train = capped(train, max_train, split_seed)
+    val = capped(val, max_val, split_seed + 1)
+    test = capped(test, max_test, split_seed + 2)
     return Splits(train, val, test, fingerprint(val, test), tuple(parts.get("relabelled", ())))
 
 

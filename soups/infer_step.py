@@ -17,6 +17,7 @@ from soups.evaluate import default_device
 from soups.models import Checkpoint, load_checkpoint
 from soups.options import checked, option
 from soups.predictions import (
+    Pixels,
     Prediction,
     predict_member,
     score,
@@ -25,7 +26,7 @@ from soups.predictions import (
     write_atomically,
 )
 from soups.recipe import Recipe, registered_name
-from soups.run_notes import data_part
+from soups.run_notes import data_part, rebuilt
 
 log = logging.getLogger(__name__)
 TTA = ("none", "hflip")
@@ -58,6 +59,11 @@ class InferOptions:
         choices=TTA,
     )
     probs: bool = option(False, "Add one probability column per class (not for the mask submission).")
+    whole_folder: bool = option(
+        False,
+        "Predict every image under --data instead of the model's test split (or the layout's own "
+        "inputs: mask's eval/); not scored, as the folder may hold images the model trained on.",
+    )
     output: str = option("", "Also write predictions.csv here.")
     vote_files: str = option(
         "",
@@ -93,9 +99,75 @@ def member_weights(spec: str, uris: list[str]) -> list[float] | None:
         raise SoupsError(f"weights={spec!r}: use val or one number per ensemble member") from None
 
 
-def inference_note(model_uri: str, results: dict, images: int, unreadable: int, opts: InferOptions) -> str:
+@dataclass(frozen=True)
+class Inputs:
+    """What infer predicts: the images, which part of the data they are, and the recipe of that
+    data (for the test split, the model's own). Only the test split is scored: a number called
+    test is measured on images no model of the run trained or was chosen on."""
+
+    samples: data.Samples
+    part: str  # test | inference (a layout's own, unlabelled: mask's eval/) | folder (every image)
+    recipe: Recipe
+
+    @property
+    def what(self) -> str:
+        return {
+            "test": "the test split of the data the model was trained on",
+            "inference": f"the {self.recipe.layout} layout's own inputs",
+            "folder": f"every image under {self.recipe.data} (not scored: it may hold training images)",
+        }[self.part]
+
+
+def inputs_for(recipe: Recipe, given: dict, opts: InferOptions, model_uri: str, main: Checkpoint) -> Inputs:
+    """Every image under data when asked; else the layout's own inputs; else the model's test split."""
+    if opts.whole_folder:
+        return Inputs(layouts.every_image(recipe, main.classes), "folder", recipe)
+    own = layouts.inference_inputs(recipe, main.classes)
+    if own is not None:
+        return Inputs(own, "inference", recipe)
+    model_recipe, test = model_test_split(model_uri, main, recipe, given)
+    return Inputs(test, "test", model_recipe)
+
+
+def training_run(model_uri: str):
+    """The run whose params hold the model's data options: its own run, or for a registered soup
+    its first ingredient's (a soup's ingredients share one split; the soup run logs no data
+    options). None for a checkpoint file, or a soup run given as runs:/ (no lineage to follow)."""
+    run = tracking.run_of(model_uri)
+    if run is None or tracking.role_of(run) != "soup":
+        return run
+    if not model_uri.startswith("models:/"):
+        return None
+    first = tracking.model_version(model_uri).tags.get(tracking.INGREDIENT_RUNS, "").split(",")[0]
+    return tracking.get_run(first) if first else None
+
+
+def model_test_split(model_uri: str, ckpt: Checkpoint, recipe: Recipe, given: dict):
+    """The model's recipe and its test split, rebuilt as `evaluate` rebuilds it: from the params
+    of the run that trained it, else from `recipe`; either way checked against the split the
+    checkpoint records. The recipe's max_test may take fewer of it."""
+    run = training_run(model_uri)
+    model_recipe, splits = rebuilt(run, given) if run is not None else (recipe, data.load_splits(recipe))
+    if splits.fingerprint != ckpt.split:
+        raise SoupsError(
+            f"{model_uri} was trained on split {ckpt.split}, the data at {model_recipe.data} splits as "
+            f"{splits.fingerprint}: give the data and split options it was trained with (val_ratio, "
+            "test_ratio, split_seed, max_*), or whole_folder=true to predict every image, unscored"
+        )
+    if not len(splits.test):
+        raise SoupsError(
+            f"{model_uri}: its data at {model_recipe.data} has no test split (test_ratio 0 and no test "
+            "part): nothing it never saw to score; pass whole_folder=true to predict every image, unscored"
+        )
+    return model_recipe, data.capped(splits.test, recipe.max_test, model_recipe.split_seed + 2)
+
+
+def inference_note(model_uri: str, results: dict, inputs: Inputs, unreadable: int, opts: InferOptions) -> str:
     """The inference run's description: which model (and ensemble) predicted what, how well."""
-    lines = [f"**Predictions** for {images} images ({unreadable} unreadable) with `{model_uri}`"]
+    lines = [
+        f"**Predictions** for {len(inputs.samples)} images ({unreadable} unreadable), {inputs.what}, "
+        f"with `{model_uri}`"
+    ]
     lines[0] += f", beside a {opts.vote} vote of `{opts.ensemble}`." if opts.ensemble else "."
     lines += ["", "| predictor | accuracy | macro F1 | ms / image |", "| --- | --- | --- | --- |"]
     for key, p in results.items():
@@ -116,15 +188,19 @@ class InferResult:
     skipped: list[str]
     output: str
     soup_run: dict[str, float]
+    part: str = ""  # which images: `Inputs.part`
+    what: str = ""  # ... in words
 
     @property
     def rows(self) -> int:
         return len(self.frame)
 
 
-def infer(recipe: Recipe, opts: InferOptions) -> InferResult:
-    """Predict the recipe's test images with `model_uri` (and the ensemble, if any); log an
-    inference run with predictions.csv. Returns what to print."""
+def infer(recipe: Recipe, opts: InferOptions, given: dict | None = None) -> InferResult:
+    """Predict the model's test split (or the layout's own inputs, or every image) with
+    `model_uri` (and the ensemble, if any); log an inference run with predictions.csv. `given`
+    holds the data options the user passed explicitly (they beat the model's run's params).
+    Returns what to print."""
     checked(opts)
     attributes = layouts.get(recipe.layout).attributes
     if opts.vote == "attributes" and attributes is None:
@@ -140,16 +216,18 @@ def infer(recipe: Recipe, opts: InferOptions) -> InferResult:
     with tracking.start_step("inference", recipe, name) as run:
         run.log_params(options.params(dataclasses.replace(opts, model_uri=model_uri)))
         main = load_checkpoint(tracking.checkpoint_for(model_uri))
-        samples = layouts.inference_inputs(recipe, main.classes)
-        part = "test" if len(samples) and (samples.labels >= 0).all() else "inference"
-        run.log_datasets([data_part(recipe, part, samples, part)])
+        inputs = inputs_for(recipe, given or {}, opts, model_uri, main)
+        samples = inputs.samples
+        context = "test" if inputs.part == "test" else "inference"
+        run.log_datasets([data_part(inputs.recipe, inputs.part, samples, context)])
         pixels = Pixels(samples, recipe)
         images = pixels(main.img_size)
+        truth = images.labels if inputs.part == "test" else None  # only the test split is scored
         probs, spi = predict_member(main, images.pixels, opts.tta, default_device())
-        results = {"soup": score(Prediction(model_uri, probs, spi), images.labels)}
+        results = {"soup": score(Prediction(model_uri, probs, spi), truth)}
         uris = ensemble_members(opts.ensemble, run.experiment_id)
         if uris:
-            results["ensemble"] = predict_ensemble(uris, opts, main, pixels, attributes, images.labels)
+            results["ensemble"] = predict_ensemble(uris, opts, main, pixels, attributes, truth)
         soup = results["soup"]
         frame = submission(
             samples,
@@ -157,7 +235,7 @@ def infer(recipe: Recipe, opts: InferOptions) -> InferResult:
             soup.probs.argmax(1).numpy(),
             soup.probs if opts.probs else None,
             main.classes,
-            recipe.layout,
+            recipe.layout if inputs.part == "inference" else "",  # its format lists its own inputs
         )
         run.log_predictions(frame, images.skipped)
         run.log_inference(
@@ -168,21 +246,10 @@ def infer(recipe: Recipe, opts: InferOptions) -> InferResult:
         if opts.output:
             write_atomically(frame, Path(opts.output))
         soup_run = tracking.soup_metrics(model_uri)
-        run.describe(inference_note(model_uri, results, len(samples), len(images.skipped), opts))
-    return InferResult(run.id, results, frame, images.skipped, opts.output, soup_run)
-
-
-class Pixels:
-    """The images decoded once per image size (ensemble members may differ in it)."""
-
-    def __init__(self, samples: data.Samples, recipe: Recipe):
-        self.samples, self.recipe, self.decoded = samples, recipe, {}
-
-    def __call__(self, size: int) -> data.Decoded:
-        if size not in self.decoded:
-            r = self.recipe
-            self.decoded[size] = data.decode(self.samples, size, r.workers, r.skip_bad, "decode")
-        return self.decoded[size]
+        run.describe(inference_note(model_uri, results, inputs, len(images.skipped), opts))
+    return InferResult(
+        run.id, results, frame, images.skipped, opts.output, soup_run, inputs.part, inputs.what
+    )
 
 
 def predict_ensemble(
@@ -224,4 +291,6 @@ def vote_files(recipe: Recipe, opts: InferOptions, attributes) -> InferResult:
         run.log_predictions(frame, [])
     if opts.output:
         write_atomically(frame, Path(opts.output))
-    return InferResult(run.id, {}, frame, [], opts.output, {})
+    return InferResult(
+        run.id, {}, frame, [], opts.output, {}, "", f"a {opts.vote} vote of {len(paths)} files"
+    )

@@ -20,6 +20,7 @@ from soups.evaluate import confusion, macro_f1
 from soups.layouts import Attributes
 from soups.models import Checkpoint
 from soups.predict import Predictor
+from soups.recipe import Recipe
 
 BAD = -1  # the label of an image that could not be read
 
@@ -33,6 +34,19 @@ class Prediction:
     f1: float | None = None
 
 
+class Pixels:
+    """The images decoded once per image size (ensemble members may differ in it)."""
+
+    def __init__(self, samples: data.Samples, recipe: Recipe):
+        self.samples, self.recipe, self.decoded = samples, recipe, {}
+
+    def __call__(self, size: int) -> data.Decoded:
+        if size not in self.decoded:
+            r = self.recipe
+            self.decoded[size] = data.decode(self.samples, size, r.workers, r.skip_bad, "decode")
+        return self.decoded[size]
+
+
 def predict_member(ckpt: Checkpoint, pixels: np.ndarray, tta: str, device) -> tuple[torch.Tensor, float]:
     """Class probabilities of one model (averaged over the TTA views) and its seconds per image."""
     predictor = Predictor(ckpt, device)
@@ -43,8 +57,10 @@ def predict_member(ckpt: Checkpoint, pixels: np.ndarray, tta: str, device) -> tu
     return probs, (time.perf_counter() - start) / max(len(pixels), 1)
 
 
-def score(pred: Prediction, labels: np.ndarray) -> Prediction:
-    if len(labels) and (labels >= 0).all():
+def score(pred: Prediction, labels: np.ndarray | None) -> Prediction:
+    """`pred` with its accuracy and F1 against `labels`; unscored without labels (None, or any
+    image unlabelled)."""
+    if labels is not None and len(labels) and (labels >= 0).all():
         guess = pred.probs.argmax(1)
         truth = torch.from_numpy(labels)
         pred.accuracy = float((guess == truth).float().mean())
@@ -61,10 +77,11 @@ def submission(
     layout: str,
 ) -> pd.DataFrame:
     """One row per input image, in input order; unreadable images get label -1 (never dropped).
-    A layout with its own submission format (the mask competition's) writes that instead."""
+    `layout` names the layout whose own submission format to write (the mask competition's, for
+    its eval/ images): empty for soups' CSV."""
     by_key = dict(zip(readable, labels.tolist(), strict=True))
     column = [by_key.get(k, BAD) for k in samples.keys]
-    if (own := layouts.get(layout).submission) is not None:
+    if layout and (own := layouts.get(layout).submission) is not None:
         return own(samples, column)
     frame = pd.DataFrame(
         {

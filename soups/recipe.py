@@ -41,7 +41,8 @@ class Recipe:
     start: str = option(
         "none",
         "Where sweep members start: none (the pretrained weights with a zero head) | auto (the newest "
-        "start run of this experiment with the same model and split) | runs:/<id> | "
+        "start run of this experiment with the same model and split, trained first when there is "
+        "none) | runs:/<id> | "
         "models:/<name>@<alias> | a soups checkpoint file. Loaded strictly, head included.",
     )
     start_mode: str = option(

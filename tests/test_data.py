@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -6,8 +8,10 @@ from soups import SoupsError
 from soups.batches import ImageDataset
 from soups.data import decode, make_splits
 from soups.layouts import read_layout
-from soups.layouts.mask import age_bin, mask_classes, mask_label
+from soups.layouts.files import unlabelled
+from soups.layouts.mask import age_bin, mask_classes, mask_eval, mask_label
 from tests.conftest import make_imagefolder, make_mask_dataset, write_image
+from tests.test_layouts import make_csv, make_mask_with_eval
 
 
 @pytest.mark.parametrize(
@@ -166,3 +170,55 @@ def test_fingerprint_follows_the_held_out_labels(tmp_path):
     relabelled = make_splits(read_layout("mask", root, relabel=str(fixes)), 0.34, 0.0, 0)
     assert relabelled.val.keys == plain.val.keys and relabelled.fingerprint != plain.fingerprint
     assert make_splits(read_layout("mask", root), 0.34, 0.0, 0).fingerprint == plain.fingerprint
+
+
+def mask_with_listing(root):
+    """The competition's own shape: train/train.csv lists the person folders, eval/ beside."""
+    make_mask_with_eval(root)
+    folders = sorted(d.name for d in (root / "train" / "images").iterdir())
+    (root / "train" / "train.csv").write_text("id,path\n" + "".join(f"{f[:6]},{f}\n" for f in folders))
+    return root
+
+
+FILE_LAYOUTS = {"imagefolder": make_imagefolder, "csv": make_csv, "mask": mask_with_listing}
+IMAGE_FOLDERS = {"imagefolder": ["cat"], "csv": ["photos"], "mask": ["train/images", "eval/images"]}
+
+
+def read_all(layout, data):
+    """What a layout reads at `data`: its pool, every image infer's whole folder sees, and (mask)
+    its eval inputs."""
+    pool = read_layout(layout, data)["pool"]
+    decode(pool, 8)  # every key names a readable file
+    whole = unlabelled(Path(data), pool.classes).keys
+    extra = mask_eval(Path(data)).keys if layout == "mask" else []
+    return pool.keys, whole, extra
+
+
+@pytest.mark.parametrize("layout", sorted(FILE_LAYOUTS))
+def test_a_relative_data_path_reads_like_the_absolute_one(tmp_path, monkeypatch, layout):
+    FILE_LAYOUTS[layout](tmp_path / "data")
+    keys, whole, extra = read_all(layout, tmp_path / "data")
+    assert len(keys) and len(whole) >= len(keys)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert read_all(layout, "../data") == (keys, whole, extra)
+
+
+@pytest.mark.parametrize("layout", sorted(FILE_LAYOUTS))
+def test_a_symlinked_image_folder_reads_like_a_real_one(tmp_path, layout):
+    """Images kept on another disk, linked into the dataset: the same keys, every image found."""
+    root = FILE_LAYOUTS[layout](tmp_path / "data")
+    before = read_all(layout, root)
+    for k, name in enumerate(IMAGE_FOLDERS[layout]):
+        folder, elsewhere = root / name, tmp_path / f"disk{k}" / Path(name).name
+        elsewhere.parent.mkdir()
+        folder.rename(elsewhere)
+        folder.symlink_to(elsewhere, target_is_directory=True)
+    assert read_all(layout, root) == before
+
+
+def test_a_missing_data_folder_says_how_to_get_the_demo_data_or_use_your_own(tmp_path):
+    from soups.data import data_root
+
+    with pytest.raises(SoupsError, match=r"not found: .*`make data`.*-P data=<folder>.*layout=imagefolder"):
+        data_root(tmp_path / "nowhere")

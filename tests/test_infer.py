@@ -15,9 +15,18 @@ import pandas as pd
 import pytest
 import torch
 
-from soups import tracking
+from soups import SoupsError, tracking
 from soups.models import Checkpoint, create_model, save_checkpoint, sha256
-from tests.conftest import ROOT, free_port, make_mask_dataset, wait_until_up, write_image, write_recipe
+from tests.conftest import (
+    ROOT,
+    TINY,
+    free_port,
+    make_imagefolder,
+    make_mask_dataset,
+    wait_until_up,
+    write_image,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.slow  # real processes: servers, `mlflow run`, workers
 
@@ -92,6 +101,94 @@ def infer(store, *args, check=True):
     return out
 
 
+@pytest.fixture(scope="module")
+def folder_model(tmp_path_factory):
+    """An image folder, a model fine-tuned on it (an ingredient run), the same weights registered
+    as a soup of that run (`folder-soup@champion`) and as a plain checkpoint file."""
+    from soups.data import load_splits
+    from soups.finetune import finetune
+    from soups.recipe import load_recipe
+
+    work = tmp_path_factory.mktemp("folder")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    old = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "SOUPS_CACHE", "MLFLOW_RUN_ID")}
+    os.environ.update(MLFLOW_TRACKING_URI=uri, SOUPS_CACHE=str(work / "cache"))
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    try:
+        data = make_imagefolder(work / "photos", per_class=7)  # 21 images: 5 test, 5 val, 11 train
+        path = write_recipe(
+            work / "r.yaml",
+            experiment="folder",
+            data=str(data),
+            layout="imagefolder",
+            **{**TINY, "epochs": 1},
+        )
+        recipe = load_recipe(path)
+        run_id = finetune(recipe)
+        splits = load_splits(recipe)
+        ckpt = tracking.cached_checkpoint(tracking.get_run(run_id))[0]
+        file = work / "model.pt"
+        file.write_bytes(ckpt.read_bytes())
+        with tracking.start("soup", "folder") as run:
+            run.log_checkpoint(file, sha256(file))
+            run.log_split(splits.fingerprint)
+            lineage = tracking.Lineage(run.id, "uniform", [run_id], "", "", splits.fingerprint, 0.5, None)
+            run.register(file, "folder-soup", 0.5, splits.fingerprint, lineage)
+        yield dict(uri=uri, path=path, recipe=recipe, splits=splits, run_id=run_id, file=file)
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def dataset_contexts(run_id: str) -> dict[str, tuple[str, str]]:
+    run = tracking.get_run(run_id)
+    return {
+        next(t.value for t in d.tags if t.key == "mlflow.data.context"): (d.dataset.name, d.dataset.digest)
+        for d in run.inputs.dataset_inputs
+    }
+
+
+def test_infer_scores_the_test_split_never_the_training_images(folder_model):
+    """An ingredient run, a registered soup of it and its checkpoint file: each predicts exactly
+    the test split rebuilt from what the model was trained with, and only that is scored."""
+    from soups.data import digest
+    from soups.infer_step import InferOptions, infer
+
+    splits = folder_model["splits"]
+    assert len(splits.test) and len(splits.train)
+    uris = [f"runs:/{folder_model['run_id']}", "models:/folder-soup@champion", str(folder_model["file"])]
+    for uri in uris:
+        out = infer(folder_model["recipe"], InferOptions(model_uri=uri))
+        assert out.frame.path.tolist() == splits.test.keys, uri
+        assert not set(out.frame.path) & set(splits.train.keys), f"{uri} scored training images"
+        assert out.results["soup"].accuracy is not None and out.part == "test"
+        assert dataset_contexts(out.run_id) == {"test": ("photos/test", digest(splits.test))}
+
+
+def test_a_checkpoint_file_on_another_split_is_refused_in_one_line(folder_model):
+    from soups.infer_step import InferOptions, infer
+    from soups.recipe import load_recipe
+
+    other = load_recipe(folder_model["path"], {"split_seed": 5})
+    with pytest.raises(SoupsError, match="was trained on split .* whole_folder") as e:
+        infer(other, InferOptions(model_uri=str(folder_model["file"])))
+    assert "\n" not in str(e.value)
+
+
+def test_predicting_a_whole_folder_logs_no_test_accuracy(folder_model):
+    """Every image under data includes the training images: predicted, never scored as test."""
+    from soups.infer_step import InferOptions, infer
+
+    out = infer(
+        folder_model["recipe"], InferOptions(model_uri=f"runs:/{folder_model['run_id']}", whole_folder=True)
+    )
+    assert len(out.frame) == 21 and set(folder_model["splits"].train.keys) <= set(out.frame.path)
+    assert out.results["soup"].accuracy is None and out.part == "folder"
+    metrics = tracking.get_run(out.run_id).data.metrics
+    assert not {"accuracy", "f1"} & set(metrics) and metrics["images"] == 21
+    assert "test" not in dataset_contexts(out.run_id)
+
+
 def test_mask_submission_keeps_info_csv_order_and_format(store, tmp_path):
     out = infer(store, "--output", str(tmp_path / "sub.csv"))
     sub = pd.read_csv(tmp_path / "sub.csv")
@@ -99,6 +196,14 @@ def test_mask_submission_keeps_info_csv_order_and_format(store, tmp_path):
     assert sub.ImageID.tolist() == store["ids"]
     assert sub.ans.dtype.kind == "i" and sub.ans.between(0, 17).all()
     assert "predictions.csv: 7 rows" in out.stdout
+
+
+def test_a_whole_mask_folder_is_predicted_in_the_plain_format_unscored(store, tmp_path):
+    """The competition's format lists eval/ images only: every image under data gets soups' CSV."""
+    out = infer(store, "--whole_folder", "true", "--output", str(tmp_path / "all.csv"))
+    pred = pd.read_csv(tmp_path / "all.csv")
+    assert list(pred.columns) == ["path", "label", "class_name"] and len(pred) == 3 * 7 + 7
+    assert pred.path.str.startswith("train/images/").sum() == 21 and "not scored" in out.stdout
 
 
 def test_unreadable_image_is_named_or_marked_never_dropped(store, tmp_path):
@@ -166,6 +271,8 @@ def test_labelled_folder_ensemble_and_tta(store, tmp_path):
         "true",
         "--output",
         str(tmp_path / "p.csv"),
+        "--whole_folder",
+        "true",  # these checkpoints were never trained on the folder: it has no test split of theirs
     )
     pred = pd.read_csv(tmp_path / "p.csv")
     assert list(pred.columns) == ["path", "label", "class_name", "p_cat", "p_dog", "p_fox"]
@@ -176,9 +283,11 @@ def test_labelled_folder_ensemble_and_tta(store, tmp_path):
     client = mlflow.MlflowClient(store["uri"])
     run = client.get_run(out.stdout.strip().split()[-1])
     m = run.data.metrics
-    assert {"accuracy", "f1", "ensemble_accuracy", "seconds_per_image", "ensemble_seconds_per_image"} <= set(
-        m
-    )
+    assert {"seconds_per_image", "ensemble_seconds_per_image"} <= set(m)
+    assert not {"accuracy", "f1", "ensemble_accuracy"} & set(m), "a whole folder is never a test score"
+    rows = [line for line in out.stdout.splitlines() if line.startswith(("soup:", "ensemble:"))]
+    assert len(rows) == 2 and all(row[49:63].strip() == "-" for row in rows), out.stdout
+    assert f"every image under {folder}" in out.stdout and "not scored" in out.stdout
     assert run.data.tags["soups.role"] == "inference" and run.data.params["tta"] == "hflip"
 
 

@@ -61,12 +61,16 @@ def test_layout_contract(name, tmp_path):
     splits = make_splits(parts, 0.25, 0.25, 0)
     again = make_splits(read_layout(name, root), 0.25, 0.25, 0)
     assert splits.fingerprint == again.fingerprint, "a split is a pure function of the data"
-    train_groups, held = set(splits.train.groups), set(splits.val.groups) | set(splits.test.groups)
-    assert parts["val"] is not None or not train_groups & held, "a group never straddles the split"
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):  # given parts too
+        one, other = getattr(splits, a), getattr(splits, b)
+        assert not set(one.keys) & set(other.keys), f"{name}: {a} and {b} share a file"
+        assert not set(one.groups) & set(other.groups), f"{name}: {a} and {b} share a group"
     decoded = decode(splits.val, 16)
     assert decoded.pixels.shape == (len(splits.val), 16, 16, 3)
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", data=str(root), layout=name))
     inputs = inference_inputs(recipe, pool.classes)
+    if inputs is None:  # infer predicts the model's test split: images it never trained on
+        inputs = splits.test
     assert len(inputs) > 0 and decode(inputs, 16).pixels.shape[0] == len(inputs)
     if layout.submission is not None:
         frame = layout.submission(inputs, [0] * len(inputs))
@@ -87,10 +91,10 @@ def test_an_option_of_another_layout_is_refused_by_name(tmp_path):
 def test_csv_layout_reads_groups_and_fixed_splits(tmp_path):
     root = make_csv(tmp_path / "c")
     frame = pd.read_csv(root / "labels.csv")
-    frame["split"] = ["test" if k % 6 == 5 else "train" for k in range(len(frame))]
+    frame["split"] = ["test" if k % 6 >= 4 else "train" for k in range(len(frame))]  # whole groups
     frame.to_csv(root / "labels.csv", index=False)
     parts = read_layout("csv", root)
-    assert parts["val"] is None and len(parts["test"]) == 3
+    assert parts["val"] is None and len(parts["test"]) == 6
     assert parts["pool"].classes == ["cat", "dog", "fox"]
     splits = make_splits(parts, 0.34, 0.0, 0)
     assert {g for g in splits.val.groups} & set(splits.train.groups) == set()
@@ -111,3 +115,29 @@ def test_csv_layout_refuses_bad_listings_in_one_line(tmp_path, rows, message):
     with pytest.raises(SoupsError, match=message) as e:
         read_layout("csv", tmp_path)
     assert str(tmp_path / "labels.csv") in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("copy_train_to_val", "train and val share 1 file, e.g. 'photos/batch0/cat_0.png'"),
+        ("val_group_in_train", "train and val share 1 group, e.g. 'dog0'"),
+        ("copy_val_to_test", "val and test share 1 file, e.g. 'photos/batch0/fox_0.png'"),
+    ],
+)
+def test_parts_a_layout_supplies_never_share_a_file_or_a_group(tmp_path, change, message):
+    """labels.csv fixes every part; a file (or a person) in two of them is refused in one line."""
+    root = make_csv(tmp_path / "c")
+    frame = pd.read_csv(root / "labels.csv")
+    frame["split"] = frame.label.map({"cat": "train", "fox": "val", "dog": "test"})
+    if change == "copy_train_to_val":
+        frame = pd.concat([frame, frame.iloc[[0]].assign(split="val")])
+    elif change == "val_group_in_train":
+        frame.loc[frame.path.str.endswith("dog_0.png"), "split"] = "train"
+        frame.loc[frame.path.str.endswith("dog_1.png"), "split"] = "val"
+    else:
+        frame = pd.concat([frame, frame[frame.path.str.endswith("fox_0.png")].assign(split="test")])
+    frame.to_csv(root / "labels.csv", index=False)
+    with pytest.raises(SoupsError, match=message) as e:
+        make_splits(read_layout("csv", root), 0.25, 0.25, 0)
+    assert str(e.value).startswith(f"csv layout at {root}") and "\n" not in str(e.value)

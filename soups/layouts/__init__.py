@@ -5,6 +5,7 @@ A layout reads a folder into parts (`pool`, and `val` / `test` where the data fi
 `data.Samples`; `data.make_splits` cuts the rest as a pure function of the data and `split_seed`,
 never splitting a group. Adding one: a file here that calls `register(Layout(...))`, its import
 below, and a test (tests/test_layouts.py runs every registered layout through the same contract).
+`files.py` holds what the layouts that read image files share.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from soups import SoupsError
-from soups.data import Samples, data_root, unlabelled
+from soups.data import Samples, data_root
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,10 @@ class Layout:
     name: str
     help: str  # one line: the folder structure it reads
     read: Callable[..., dict]  # (root, **options) -> {"pool": Samples, "val": ..., "test": ...}
-    # What `infer` predicts when given the dataset root: by default every image under it.
-    inputs: Callable[[Path, list[str], object], Samples] = lambda root, classes, recipe: unlabelled(
-        root, classes
-    )
+    # Images of its own that `infer` predicts by default, (root, classes) -> Samples: the mask
+    # competition's unlabelled eval/ folder. None: the test split of the data the model was
+    # trained on, the only images a score called "test" may be measured on.
+    inputs: Callable[[Path, list[str]], Samples] | None = None
     attributes: Attributes | None = None
     # The layout's own submission format (one row per image in input order), else soups' CSV.
     submission: Callable[[Samples, list[int]], pd.DataFrame] | None = None
@@ -82,13 +83,21 @@ def read_layout(name: str, data: str | Path, **options) -> dict:
         if owners and value and value != owners[0].options[key]:
             raise SoupsError(f"{key} applies to the {owners[0].name} layout, not {name}")
     given = {k: v for k, v in options.items() if k in layout.options and v not in ("", None)}
-    return layout.read(data_root(data), **given)
+    return {**layout.read(data_root(data), **given), "layout": name}  # errors name it
 
 
-def inference_inputs(recipe, classes: list[str]) -> Samples:
-    """What `infer` predicts for a recipe: its layout's inputs under the recipe's data root."""
-    return get(recipe.layout).inputs(data_root(recipe.data), classes, recipe)
+def inference_inputs(recipe, classes: list[str]) -> Samples | None:
+    """The images the recipe's layout names for `infer` (mask: eval/), or None: infer then
+    predicts the test split of the model's data."""
+    inputs = get(recipe.layout).inputs
+    return None if inputs is None else inputs(data_root(recipe.data), classes)
+
+
+def every_image(recipe, classes: list[str]) -> Samples:
+    """Every image under the recipe's data root, whatever its layout (infer's whole_folder): it
+    may hold the images a model trained on."""
+    return files.unlabelled(data_root(recipe.data), classes)
 
 
 # Registration order is the order --help lists them.
-from soups.layouts import csv_list, fashion_mnist, imagefolder, mask  # noqa: E402, F401
+from soups.layouts import csv_list, fashion_mnist, files, imagefolder, mask  # noqa: E402, F401

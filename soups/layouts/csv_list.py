@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from soups import SoupsError
-from soups.data import IMAGE_EXTS, Samples, inside
+from soups.data import Samples
 from soups.layouts import Layout, register
+from soups.layouts.files import IMAGE_EXTS, inside
 
 FILE = "labels.csv"
 SPLITS = ("train", "val", "test")
@@ -38,14 +39,14 @@ def read(root: Path) -> dict[str, Samples | None]:
         split = (r.get("split") or "train").strip()
         if split not in SPLITS:
             raise SoupsError(f"{listing} line {n}: split {split!r} must be one of {', '.join(SPLITS)}")
-        key = path.relative_to(root.resolve()).as_posix()
+        key = path.relative_to(root).as_posix()
         parts[split].append((key, classes.index(r["label"].strip()), (r.get("group") or key).strip()))
 
     def samples(items) -> Samples | None:
         if not items:
             return None
         keys, labels, groups = zip(*items, strict=True)
-        return Samples(list(keys), np.asarray(labels, np.int64), list(groups), classes, root.resolve())
+        return Samples(list(keys), np.asarray(labels, np.int64), list(groups), classes, root)
 
     if not parts["train"]:
         raise SoupsError(f"{listing} has no training images (rows with split train or no split)")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from soups import SoupsError
-from soups.data import Samples, load_splits
+from soups.data import Samples
 from soups.layouts import Layout, register
 
 CLASSES = [
@@ -63,11 +63,7 @@ def read(root: Path) -> dict[str, Samples | None]:
     return out
 
 
+# No inputs of its own: the t10k files are the test split, which `infer` predicts by default.
 register(
-    Layout(
-        "fashion-mnist",
-        "Fashion-MNIST IDX files in one folder; `infer` predicts its test split",
-        read,
-        inputs=lambda root, classes, recipe: load_splits(recipe).test,
-    )
+    Layout("fashion-mnist", "Fashion-MNIST IDX files in one folder; `infer` predicts its test split", read)
 )

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from soups.data import Samples, class_folders
+from soups.data import Samples
 from soups.layouts import Layout, register
+from soups.layouts.files import class_folders
 
 
 def read(root: Path) -> dict[str, Samples | None]:

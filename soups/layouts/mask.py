@@ -16,8 +16,9 @@ import pandas as pd
 import yaml
 
 from soups import SoupsError
-from soups.data import IMAGE_EXTS, Samples, inside
+from soups.data import Samples
 from soups.layouts import Attributes, Layout, register
+from soups.layouts.files import IMAGE_EXTS, inside
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +156,8 @@ def mask_eval(root: Path) -> Samples:
     if rows and "ImageID" not in rows[0]:
         raise SoupsError(f"{info} has no ImageID column")
     images = root / "eval" / "images"
-    keys = [str(inside(images, r["ImageID"], str(info)).relative_to(root.resolve())) for r in rows]
-    return Samples(keys, np.full(len(keys), -1, np.int64), keys, mask_classes(), root.resolve())
+    keys = [str(inside(images, r["ImageID"], str(info)).relative_to(root)) for r in rows]
+    return Samples(keys, np.full(len(keys), -1, np.int64), keys, mask_classes(), root)
 
 
 def submission(samples: Samples, column: list[int]) -> pd.DataFrame:
@@ -170,7 +171,7 @@ register(
         "mask",
         "train/images/<id>_<gender>_<race>_<age>/{mask1..5,incorrect_mask,normal}.*, eval/info.csv",
         read,
-        inputs=lambda root, classes, recipe: mask_eval(root),
+        inputs=lambda root, classes: mask_eval(root),
         attributes=Attributes(ATTRIBUTES, mask_attributes, mask_label),
         submission=submission,
     )
