@@ -22,6 +22,7 @@ BENCHMARKS = [
     ("tracking_overhead", []),
     ("input_pipeline", []),
     ("soup_quality", []),
+    ("layout_parity", []),
     ("ddp_throughput", []),
 ]
 
