@@ -32,7 +32,11 @@ def soup_table(report) -> str:
     with pd.option_context(
         "display.width", 200, "display.max_colwidth", 60, "display.float_format", "{:.4f}".format
     ):
-        lines = [report.table.drop(columns=["soup_val_accuracy"]).to_string(index=False), ""]
+        lines = [
+            "ingredients as trained (val as their runs logged it, test as `evaluate` scored them):",
+            report.table.drop(columns=["soup_val_accuracy"]).to_string(index=False),
+            "",
+        ]
     lines.append(f"every model scored with {report.treatment}; gains on the same test images, 95% interval")
     lines.append(f"{'':<22}{'val':>9}{'test':>9}  {'test gain over best':<34}ingredients")
     best = f"{pct(report.best_val_accuracy)}{pct(report.best_test_accuracy)}  {'':<34}1"
@@ -43,7 +47,10 @@ def soup_table(report) -> str:
             lines.append(f"{name:<22}{'-':>9}{'-':>9}  not made: {dish.error}")
             continue
         note = (
-            f"  (val on the {dish.result.held_out} images not fitted on)" if dish.method == "learned" else ""
+            f"  (val on the {dish.result.held_out} images not fitted on; the best ingredient there: "
+            f"{100 * dish.result.best_accuracy:.2f}%)"
+            if dish.result.scored_on is not None
+            else ""
         )
         lines.append(
             f"{name:<22}{pct(dish.val_accuracy)}{pct(dish.test_accuracy)}  {gain(dish.test_gain):<34}"

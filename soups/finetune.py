@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -19,12 +18,7 @@ from soups import SoupsError, data, distributed, layouts, tracking
 from soups.batches import train_loader
 from soups.evaluate import EvalSet, attribute_accuracy, default_device
 from soups.losses import objective
-from soups.models import (
-    Checkpoint,
-    create_model,
-    normalisation,
-    save_checkpoint,
-)
+from soups.models import Checkpoint, create_model, keep_locally, normalisation, save_checkpoint
 from soups.options import option
 from soups.recipe import Recipe, from_params, params, to_yaml
 from soups.run_notes import data_parts, run_name, training_note
@@ -121,6 +115,8 @@ def tracked_training(
             recipe = replace(recipe, start=start)
         if not world.is_main:
             return train_silently(role, recipe, splits, world)
+        if role == "start":  # what start: auto looks for while it trains (tracking/start_claims.py)
+            tags = {**(tags or {}), tracking.START_FOR: tracking.start_key(recipe.model, splits.fingerprint)}
         name = run_name(role, recipe)
         with tracking.start_step(role, recipe, name, parent, tags, resume, claimed) as run:
             if on_start is not None:
@@ -129,6 +125,8 @@ def tracked_training(
                 model = prepare(run, role, recipe, splits)
                 state = tracking.training_state(resume) if resume else None
                 ckpt = train(run, recipe, splits, model, on_epoch, world, state)
+                if claimed:
+                    tracking.check_still_claimed(run.id)
                 upload(run, ckpt)
     return run.id
 
@@ -287,14 +285,3 @@ def loss_of(recipe: Recipe, model: nn.Module) -> nn.Module:
 
 def training_device(world: distributed.World) -> torch.device:
     return distributed.device_for(world) if world.parallel else default_device()
-
-
-UNLOGGED = Path("unlogged-checkpoints")
-
-
-def keep_locally(path: Path, run_id: str) -> Path:
-    """Move a checkpoint the server would not take to ./unlogged-checkpoints/<run id>/model.pt."""
-    dst = (UNLOGGED / run_id / path.name).resolve()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(path, dst)
-    return dst

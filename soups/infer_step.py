@@ -72,7 +72,8 @@ class InferOptions:
     )
 
 
-def ensemble_members(spec: str, experiment_id: str) -> list[str]:
+def ensemble_members(spec: str, experiment_id: str, split: str) -> list[str]:
+    """The ensemble's model URIs; `top:N`: the N best ingredient runs of the model's split."""
     spec = spec.strip()
     if not spec:
         return []
@@ -81,7 +82,7 @@ def ensemble_members(spec: str, experiment_id: str) -> list[str]:
             n = int(spec[4:])
         except ValueError:
             raise SoupsError(f"ensemble={spec!r}: use top:<number>") from None
-        runs = tracking.ranked_ingredients(experiment_id, limit=n)
+        runs = tracking.ranked_ingredients(experiment_id, tracking.split_filter(split), limit=n)
         if not runs:
             raise SoupsError(f"ensemble={spec}: no finished ingredient runs in experiment {experiment_id}")
         return [f"runs:/{r.info.run_id}" for r in runs]
@@ -225,7 +226,7 @@ def infer(recipe: Recipe, opts: InferOptions, given: dict | None = None) -> Infe
         truth = images.labels if inputs.part == "test" else None  # only the test split is scored
         probs, spi = predict_member(main, images.pixels, opts.tta, default_device())
         results = {"soup": score(Prediction(model_uri, probs, spi), truth)}
-        uris = ensemble_members(opts.ensemble, run.experiment_id)
+        uris = ensemble_members(opts.ensemble, run.experiment_id, main.split)
         if uris:
             results["ensemble"] = predict_ensemble(uris, opts, main, pixels, attributes, truth)
         soup = results["soup"]
@@ -262,6 +263,8 @@ def predict_ensemble(
         ckpt = load_checkpoint(tracking.checkpoint_for(uri))
         if ckpt.classes != main.classes:
             raise SoupsError(f"ensemble member {uri} predicts other classes than the model")
+        if labels is not None and ckpt.split != main.split:  # it may have trained on these images
+            raise SoupsError(f"ensemble member {uri} was trained on split {ckpt.split}, not {main.split}")
         p, s = predict_member(ckpt, pixels(ckpt.img_size).pixels, opts.tta, default_device())
         member_probs.append(p)
         total += s

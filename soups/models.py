@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -248,3 +249,14 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if not isinstance(record, dict) or set(fields) - set(record):
         raise SoupsError(f"{path} is not a soups checkpoint (needs keys {', '.join(fields)})")
     return Checkpoint(**{k: record[k] for k in fields})
+
+
+UNLOGGED = Path("unlogged-checkpoints")
+
+
+def keep_locally(path: Path, run_id: str) -> Path:
+    """Move a checkpoint the server would not take to ./unlogged-checkpoints/<run id>/model.pt."""
+    dst = (UNLOGGED / run_id / path.name).resolve()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(path, dst)
+    return dst

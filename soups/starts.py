@@ -3,6 +3,7 @@ weight (checked to come from the same split), and the probe's frozen backbone.""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -52,12 +53,26 @@ def auto_start(
             return f"runs:/{action.run_id}"
         if action.kind == "make":
             log.info("start=auto: no start run for model %s on this split yet: training it", recipe.model)
-            make(action.run_id)
+            claimed(make, action.run_id, world)
             return f"runs:/{action.run_id}"
         if waiting != action.run_id:
             log.info("start=auto: waiting for start run %s, which another process is training", action.run_id)
             waiting = action.run_id
         time.sleep(POLL_S)
+
+
+def claimed(make: Callable[[str], object], run_id: str, world: distributed.World) -> None:
+    """Train the start into the run this process claimed, its heartbeat beating from the claim on
+    (listing the data again comes first); a failure before the run is reopened still ends it, so
+    that waiters claim again at once instead of after the heartbeat goes stale."""
+    beat = tracking.heartbeat(run_id) if world.is_main else contextlib.nullcontext()
+    try:
+        with beat:
+            make(run_id)
+    except BaseException:
+        if world.is_main:
+            tracking.abandon(run_id, "the process that claimed this start failed before training it")
+        raise
 
 
 def start_recipe(recipe: Recipe) -> Recipe:

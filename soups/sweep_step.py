@@ -142,10 +142,16 @@ def sweep(recipe_path: str, recipe: Recipe, given: dict, opts: SweepOptions) -> 
     storage_url = storage_of(opts.storage)
     storage = open_storage(storage_url, opts.heartbeat)
     own_run = tracking.take_project_run()  # the run `mlflow run` made for this worker, if any
+    experiment_id = (
+        tracking.experiment_of_run(own_run) if own_run else tracking.ensure_experiment(recipe.experiment)
+    )
+    # Before the study: every worker finds or makes the start (one trains it, the others wait for
+    # its run), so that no worker waits for a parent run while the study's creator trains a start.
+    start = sweep_start(recipe, experiment_id)
     study, created = open_study(name, storage, sampler_for(opts.sampler, space), pruner_for(opts.pruner))
     if created:
         opts = dataclasses.replace(opts, study=name, storage=tracking.without_password(storage_url))
-        parent, experiment_id, start = create_parent(study, recipe, opts, own_run)
+        parent = create_parent(study, opts, own_run, experiment_id, start)
     else:
         parent = tracking.Run(wait_for(study, PARENT_ATTR, opts.wait_s))
         experiment_id = study.user_attrs[EXPERIMENT_ATTR]
@@ -181,20 +187,18 @@ def pruner_for(name: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_warmup_steps=1) if name == "median" else optuna.pruners.NopPruner()
 
 
-def create_parent(study: optuna.Study, recipe: Recipe, opts: SweepOptions, own_run: str | None):
-    """The study's creator: the parent run, the start resolved once, and the trials enqueued."""
-    experiment_id = (
-        tracking.experiment_of_run(own_run) if own_run else tracking.ensure_experiment(recipe.experiment)
-    )
+def create_parent(
+    study: optuna.Study, opts: SweepOptions, own_run: str | None, experiment_id: str, start: str
+) -> tracking.Run:
+    """The study's creator: the parent run, the start every trial loads, and the trials enqueued."""
     parent = tracking.sweep_parent(own_run, experiment_id, opts.study, opts.trials)
-    start = sweep_start(recipe, experiment_id)
     tracking.log_sweep_setup(parent, options.params(opts), start)
     for _ in range(opts.trials):
         study.enqueue_trial({})
     study.set_user_attr(START_ATTR, start)
     study.set_user_attr(EXPERIMENT_ATTR, experiment_id)
     study.set_user_attr(PARENT_ATTR, parent.id)  # last: workers wait for this one
-    return parent, experiment_id, start
+    return parent
 
 
 def sweep_start(recipe: Recipe, experiment_id: str) -> str:

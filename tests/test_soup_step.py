@@ -63,3 +63,24 @@ def test_soups_are_made_for_the_recipes_split_and_compared_like_with_like(
         pytest.approx(result.accuracy - result.best_accuracy)
     )
     assert "same images" in learned.registry, learned.registry
+
+
+def test_the_champion_moves_only_past_the_version_it_was_compared_with(tracking_uri, tmp_path):
+    """Two soup steps finishing together: the alias moves only when the champion is still the
+    version the new soup was scored against; 'no such alias' (and no such model) means none."""
+    client = mlflow.MlflowClient()
+    assert tracking.champion("nobody") is None
+    client.create_registered_model("m")
+    assert tracking.champion("m") is None
+    for _ in range(3):
+        client.create_model_version("m", source=str(tmp_path))
+    assert tracking.promote("m", 1, 0.5, "s", None).startswith("m version 1 is the first champion")
+    moved = tracking.promote("m", 2, 0.7, "s", tracking.Rival("1", 0.6))
+    assert "moved to version 2" in moved and str(tracking.champion("m").version) == "2"
+    # version 3 won meanwhile: a soup scored against version 2 never overwrites it
+    client.set_registered_model_alias("m", tracking.CHAMPION, "3")
+    kept = tracking.promote("m", 1, 0.99, "s", tracking.Rival("2", 0.7))
+    assert "stays version 3" in kept and str(tracking.champion("m").version) == "3"
+    assert "stays version 3" in tracking.promote("m", 1, 0.99, "s", None)
+    # a worse soup leaves the champion where it is
+    assert "stays version 3" in tracking.promote("m", 1, 0.1, "s", tracking.Rival("3", 0.8))

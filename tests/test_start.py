@@ -300,3 +300,36 @@ def test_members_racing_into_an_empty_server_share_one_start(recipe_path, tmp_pa
     assert {r.data.tags[tracking.START_RUN] for r in members} == {starts[0].info.run_id}
     assert len({r.data.tags[tracking.START] for r in members}) == 1
     assert sum("waiting for start run" in out for out in outputs) >= 1, outputs
+
+
+def test_a_start_that_fails_before_training_frees_its_claim_at_once(recipe_path, tracking_uri):
+    """The claimed start run ends FAILED when its process fails to train it, so that the members
+    waiting for it claim again at once instead of after its heartbeat goes stale."""
+    from soups import data
+    from soups.starts import auto_start
+
+    recipe = load_recipe(recipe_path, {"start": "auto"})
+    experiment = tracking.ensure_experiment("starts")
+
+    def broken(run_id):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        auto_start(recipe, data.load_splits(recipe).fingerprint, experiment, broken)
+    (claim,) = runs_by_role("start")
+    assert claim.info.status == "FAILED" and "failed before training" in claim.data.tags[tracking.STOPPED]
+
+
+@pytest.mark.slow
+def test_a_sweep_into_an_empty_store_makes_its_start_first(recipe_path, tracking_uri, tmp_path, monkeypatch):
+    from soups import sweep_step
+
+    monkeypatch.setenv("SOUPS_CACHE", str(tmp_path / "cache"))
+    opts = sweep_step.SweepOptions(trials=2, pruner="none", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    out = sweep_step.sweep(
+        str(recipe_path), load_recipe(recipe_path, {"start": "auto"}), {"start": "auto"}, opts
+    )
+    (start,) = runs_by_role("start")
+    assert out.complete == 2 and start.info.status == "FINISHED"
+    children = runs_by_role("ingredient")
+    assert {r.data.tags[tracking.START_RUN] for r in children} == {start.info.run_id}

@@ -67,6 +67,7 @@ from soups.tracking.search import (  # noqa: F401
     run_of,
     run_params,
     soup_metrics,
+    split_filter,
     split_of,
     start_of,
     start_run_of,
@@ -90,9 +91,10 @@ from soups.tracking.server import (  # noqa: F401
 )
 from soups.tracking.start_claims import (  # noqa: F401
     StartAction,
+    check_still_claimed,
     finished_start,
     next_start_action,
-    start_status,
+    start_key,
 )
 from soups.tracking.sweeps import (  # noqa: F401
     log_sweep_best,

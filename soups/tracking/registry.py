@@ -118,28 +118,32 @@ def register(
 
 def promote(name: str, version: int, val_accuracy: float, split: str, rival: Rival | None) -> str:
     """Move alias `champion` of `name` to `version` when there is none, or when it beats the
-    champion's val accuracy measured on the same images (a tie keeps the champion)."""
+    champion's val accuracy measured on the same images (a tie keeps the champion). The alias is
+    read again just before it moves: a champion that changed since the soup step scored it (another
+    soup step finished meanwhile) is never overwritten without a comparison."""
     client = MlflowClient()
 
     def move(why: str) -> str:
         client.set_registered_model_alias(name, CHAMPION, str(version))
         client.set_model_version_tag(name, str(version), CHAMPION_WHY, why)
-        return f"{name}@{CHAMPION} moved to version {version}: {why}"
+        return why
 
-    if rival is None:  # there was no champion when the soup step looked: is there one now?
-        current = champion(name)
-        if current is None:
-            return move(f"the first {CHAMPION} (val {val_accuracy:.4f} on split {split})")
-        return f"{name}@{CHAMPION} stays version {current.version}, made while this soup was cooked"
+    current = champion(name)
+    if current is not None and (rival is None or str(current.version) != str(rival.version)):
+        return f"{name}@{CHAMPION} stays version {current.version}: it became champion while this soup cooked"
+    if rival is None:
+        why = move(f"the first {CHAMPION} (val {val_accuracy:.4f} on split {split})")
+        return f"{name} version {version} is {why}"
     if rival.val_accuracy is None:
         return (
             f"{name}@{CHAMPION} stays version {rival.version}: {rival.why} (move it by hand if you mean to)"
         )
     if val_accuracy > rival.val_accuracy:
-        return move(
+        why = move(
             f"val {val_accuracy:.4f} beats version {rival.version}'s {rival.val_accuracy:.4f}, both scored "
             f"on the same images of split {split}"
         )
+        return f"{name}@{CHAMPION} moved to version {version}: {why}"
     return (
         f"{name}@{CHAMPION} stays version {rival.version}: val {rival.val_accuracy:.4f} >= this soup's "
         f"{val_accuracy:.4f} on the same images"

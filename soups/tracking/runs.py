@@ -206,7 +206,8 @@ class Run:
             "val_accuracy": chosen.val_accuracy,
             "test_accuracy": chosen.test_accuracy,
             "n_ingredients": chosen.n_ingredients,
-            "best_ingredient_val_accuracy": soup.best_val_accuracy,
+            # on the very images `val_accuracy` is on (a learned soup: the half it did not fit on)
+            "best_ingredient_val_accuracy": chosen.result.best_accuracy,
             "best_ingredient_test_accuracy": soup.best_test_accuracy,
             "best_ingredient_logged_val_accuracy": soup.best.logged_val_accuracy,
             # on the same images with the same treatment (a learned soup: the part of val it did

@@ -125,6 +125,11 @@ def rank_score(run) -> float | None:
     return run.data.metrics.get(RANK_METRIC)
 
 
+def split_filter(split: str) -> str:
+    """The clause that narrows a search to the runs of one held-out split."""
+    return f"tags.`{SPLIT}` = {quote(split)}"
+
+
 def parent_filter(parent: str) -> str:
     """The clause that narrows a search to the children of a sweep run."""
     return f"tags.mlflow.parentRunId = {quote(checked_run_id(parent, 'parent'))}" if parent else ""

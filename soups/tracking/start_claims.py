@@ -102,6 +102,11 @@ def next_start_action(experiment_id: str, model: str, split: str, name: str) -> 
         return StartAction("wait", live[0].info.run_id)
     mine = claim(experiment_id, model, split, name)
     time.sleep(SETTLE_S)
+    # Asked again after the settle: a start that finished between the two searches above (this
+    # process saw it neither running nor finished) is used, never trained a second time.
+    if found := finished_start(experiment_id, model, split):
+        withdraw(mine)
+        return StartAction("use", found.info.run_id)
     winner = live_claims(experiment_id, model, split)[0].info.run_id
     if winner == mine:
         return StartAction("make", mine)
@@ -109,5 +114,12 @@ def next_start_action(experiment_id: str, model: str, split: str, name: str) -> 
     return StartAction("wait", winner)
 
 
-def start_status(run_id: str) -> str:
-    return MlflowClient().get_run(run_id).info.status
+def check_still_claimed(run_id: str) -> None:
+    """Before a claimed start finishes: refuse when another process took it over (it found the
+    heartbeat stale and marked the run FAILED), so that no split ever gets two finished starts."""
+    status = MlflowClient().get_run(run_id).info.status
+    if status != "RUNNING":
+        raise SoupsError(
+            f"start run {run_id} was marked {status} by another process while it trained (its "
+            f"heartbeat went stale for {STALE_S:.0f} s): that process trains the start; fine-tune again"
+        )
