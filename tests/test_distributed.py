@@ -188,3 +188,18 @@ def test_a_fine_tune_killed_after_epoch_1_resumes_in_place_to_the_same_checkpoin
     # Same data order, same random state, same steps: the very checkpoint of the uninterrupted run.
     assert resumed.data.tags["soups.sha256"] == one.data.tags["soups.sha256"]
     assert resumed.data.metrics["best_val_accuracy"] == one.data.metrics["best_val_accuracy"]
+
+
+def test_two_processes_with_start_auto_make_the_start_together_then_the_member(world):
+    """`-P nproc=2` into an experiment with no start: both ranks train the start (rank 0 logs it),
+    then the member from it; one line of log, no torchrun traceback."""
+    run_id = finetune(
+        world, "--nproc", "2", "--start", "auto", "--start_epochs", "1", "--experiment", "ddp-auto"
+    )
+    c = client(world)
+    exp = c.get_experiment_by_name("ddp-auto").experiment_id
+    (start,) = c.search_runs([exp], "tags.`soups.role` = 'start'")
+    member = c.get_run(run_id)
+    assert start.info.status == member.info.status == "FINISHED"
+    assert start.data.params["processes"] == member.data.params["processes"] == "2"
+    assert member.data.tags["soups.start_run"] == start.info.run_id
