@@ -38,13 +38,13 @@ def soup_table(report) -> str:
             "",
         ]
     lines.append(f"every model scored with {report.treatment}; gains on the same test images, 95% interval")
-    lines.append(f"{'':<22}{'val':>9}{'test':>9}  {'test gain over best':<34}ingredients")
+    lines.append(f"{'':<26}{'val':>9}{'test':>9}  {'test gain over best':<34}ingredients")
     best = f"{pct(report.best_val_accuracy)}{pct(report.best_test_accuracy)}  {'':<34}1"
-    lines.append(f"{'best ingredient':<22}{best}")
+    lines.append(f"{'best ingredient':<26}{best}")
     for dish in report.dishes:
         name = f"{dish.method} soup" + (" (registered)" if dish is report.chosen else "")
         if dish.result is None:
-            lines.append(f"{name:<22}{'-':>9}{'-':>9}  not made: {dish.error}")
+            lines.append(f"{name:<26}{'-':>9}{'-':>9}  not made: {dish.error}")
             continue
         note = (
             f"  (val on the {dish.result.held_out} images not fitted on; the best ingredient there: "
@@ -53,7 +53,7 @@ def soup_table(report) -> str:
             else ""
         )
         lines.append(
-            f"{name:<22}{pct(dish.val_accuracy)}{pct(dish.test_accuracy)}  {gain(dish.test_gain):<34}"
+            f"{name:<26}{pct(dish.val_accuracy)}{pct(dish.test_accuracy)}  {gain(dish.test_gain):<34}"
             f"{dish.n_ingredients}{note}"
         )
     kept = f"{report.chosen.n_ingredients} of {report.n_usable} usable ingredients"
