@@ -125,7 +125,7 @@ def tracked_training(
                 model = prepare(run, role, recipe, splits)
                 state = tracking.training_state(resume) if resume else None
                 ckpt = train(run, recipe, splits, model, on_epoch, world, state)
-                if claimed:
+                if role == "start":
                     tracking.check_still_claimed(run.id)
                 upload(run, ckpt)
     return run.id

@@ -72,8 +72,7 @@ class InferOptions:
     )
 
 
-def ensemble_members(spec: str, experiment_id: str, split: str) -> list[str]:
-    """The ensemble's model URIs; `top:N`: the N best ingredient runs of the model's split."""
+def ensemble_members(spec: str, experiment_id: str, split: str) -> list[str]:  # top:N: of `split`
     spec = spec.strip()
     if not spec:
         return []
@@ -84,7 +83,9 @@ def ensemble_members(spec: str, experiment_id: str, split: str) -> list[str]:
             raise SoupsError(f"ensemble={spec!r}: use top:<number>") from None
         runs = tracking.ranked_ingredients(experiment_id, tracking.split_filter(split), limit=n)
         if not runs:
-            raise SoupsError(f"ensemble={spec}: no finished ingredient runs in experiment {experiment_id}")
+            raise SoupsError(
+                f"ensemble={spec}: no finished ingredient run of split {split} in {experiment_id}"
+            )
         return [f"runs:/{r.info.run_id}" for r in runs]
     return [u.strip() for u in spec.split(",") if u.strip()]
 

@@ -53,8 +53,15 @@ def auto_start(
             return f"runs:/{action.run_id}"
         if action.kind == "make":
             log.info("start=auto: no start run for model %s on this split yet: training it", recipe.model)
-            claimed(make, action.run_id, world)
-            return f"runs:/{action.run_id}"
+            taken = False
+            try:
+                claimed(make, action.run_id, world)
+            except tracking.TakenOver as e:  # rank 0 alone can tell: every rank hears it below
+                log.warning("%s", e)
+                taken = True
+            if not distributed.broadcast(taken, world):
+                return f"runs:/{action.run_id}"
+            continue
         if waiting != action.run_id:
             log.info("start=auto: waiting for start run %s, which another process is training", action.run_id)
             waiting = action.run_id

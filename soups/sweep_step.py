@@ -142,19 +142,22 @@ def sweep(recipe_path: str, recipe: Recipe, given: dict, opts: SweepOptions) -> 
     storage_url = storage_of(opts.storage)
     storage = open_storage(storage_url, opts.heartbeat)
     own_run = tracking.take_project_run()  # the run `mlflow run` made for this worker, if any
-    experiment_id = (
-        tracking.experiment_of_run(own_run) if own_run else tracking.ensure_experiment(recipe.experiment)
-    )
-    # Before the study: every worker finds or makes the start (one trains it, the others wait for
-    # its run), so that no worker waits for a parent run while the study's creator trains a start.
-    start = sweep_start(recipe, experiment_id)
     study, created = open_study(name, storage, sampler_for(opts.sampler, space), pruner_for(opts.pruner))
     if created:
         opts = dataclasses.replace(opts, study=name, storage=tracking.without_password(storage_url))
+        experiment_id = (
+            tracking.experiment_of_run(own_run) if own_run else tracking.ensure_experiment(recipe.experiment)
+        )
+        study.set_user_attr(EXPERIMENT_ATTR, experiment_id)  # first: joining workers find the start there
+        start = sweep_start(recipe, experiment_id)
         parent = create_parent(study, opts, own_run, experiment_id, start)
     else:
+        experiment_id = wait_for(study, EXPERIMENT_ATTR, opts.wait_s)
+        # While the creator trains the start, wait on that start run (its heartbeat says it is
+        # alive), not on a timer that takes a long start for a dead creator.
+        if START_ATTR not in study.user_attrs:
+            sweep_start(recipe, experiment_id)
         parent = tracking.Run(wait_for(study, PARENT_ATTR, opts.wait_s))
-        experiment_id = study.user_attrs[EXPERIMENT_ATTR]
         start = study.user_attrs.get(START_ATTR, recipe.start)
         if own_run:
             tracking.mark_sweep_worker(own_run, parent.id)
@@ -196,7 +199,6 @@ def create_parent(
     for _ in range(opts.trials):
         study.enqueue_trial({})
     study.set_user_attr(START_ATTR, start)
-    study.set_user_attr(EXPERIMENT_ATTR, experiment_id)
     study.set_user_attr(PARENT_ATTR, parent.id)  # last: workers wait for this one
     return parent
 

@@ -84,3 +84,6 @@ def test_the_champion_moves_only_past_the_version_it_was_compared_with(tracking_
     assert "stays version 3" in tracking.promote("m", 1, 0.99, "s", None)
     # a worse soup leaves the champion where it is
     assert "stays version 3" in tracking.promote("m", 1, 0.1, "s", tracking.Rival("3", 0.8))
+    # the alias removed since the soup step looked: this soup is the first champion again
+    client.delete_registered_model_alias("m", tracking.CHAMPION)
+    assert "is the first champion" in tracking.promote("m", 2, 0.1, "s", tracking.Rival("3", 0.8))

@@ -241,6 +241,7 @@ def test_start_auto_into_an_empty_store_makes_the_start_then_the_member(
     assert member.data.params["start"] == f"runs:/{start.info.run_id}"
     assert start.data.params["i"] == "0" and start.data.params["epochs"] == "1"
     assert start.data.params["seed"] == str(load_recipe(recipe_path, {"i": 0}).seed)
+    assert start.data.tags[tracking.START_FOR].startswith("test_efficientnet ")
     # the next member finds it: still one start
     finetune(load_recipe(recipe_path, {"i": 4, "start": "auto"}))
     assert len(runs_by_role("start")) == 1
@@ -333,3 +334,49 @@ def test_a_sweep_into_an_empty_store_makes_its_start_first(recipe_path, tracking
     assert out.complete == 2 and start.info.status == "FINISHED"
     children = runs_by_role("ingredient")
     assert {r.data.tags[tracking.START_RUN] for r in children} == {start.info.run_id}
+
+
+def test_a_start_finished_during_the_settle_is_used_not_trained_again(recipe_path, tracking_uri, monkeypatch):
+    """A start that finishes between the search that found none and the claim's settle is taken:
+    the claim is withdrawn and nobody trains a second start."""
+    from soups import data
+    from soups.tracking import start_claims
+
+    recipe = load_recipe(recipe_path, {"start": "auto"})
+    split = data.load_splits(recipe).fingerprint
+    experiment = tracking.ensure_experiment("starts")
+    client = mlflow.MlflowClient()
+    other = {}
+
+    def meanwhile(seconds):  # another process's start finishes while this one settles
+        run = client.create_run(experiment, tags={tracking.ROLE: "start", tracking.SPLIT: split})
+        client.log_param(run.info.run_id, "model", recipe.model)
+        client.set_tag(run.info.run_id, tracking.SHA256, "f" * 64)
+        client.set_terminated(run.info.run_id, "FINISHED")
+        other["id"] = run.info.run_id
+
+    monkeypatch.setattr(start_claims.time, "sleep", meanwhile)
+    action = start_claims.next_start_action(experiment, recipe.model, split, "start")
+    assert (action.kind, action.run_id) == ("use", other["id"])
+    assert [r.info.run_id for r in runs_by_role("start")] == [other["id"]], "the claim was withdrawn"
+
+
+def test_a_claimant_whose_start_was_taken_over_goes_back_to_waiting(recipe_path, tracking_uri):
+    """Another process marked this start FAILED (its heartbeat looked stale): it refuses to finish
+    it and takes part in the claim again, instead of failing its member."""
+    from soups import data
+    from soups.starts import auto_start
+
+    recipe = load_recipe(recipe_path, {"start": "auto"})
+    experiment = tracking.ensure_experiment("starts")
+    made = []
+
+    def make(run_id):
+        made.append(run_id)
+        if len(made) == 1:
+            mlflow.MlflowClient().set_terminated(run_id, "FAILED")  # what a taker-over does
+            tracking.check_still_claimed(run_id)
+
+    start = auto_start(recipe, data.load_splits(recipe).fingerprint, experiment, make)
+    assert len(made) == 2 and start == f"runs:/{made[1]}"
+    assert mlflow.MlflowClient().get_run(made[0]).info.status == "FAILED"

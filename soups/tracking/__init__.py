@@ -91,6 +91,7 @@ from soups.tracking.server import (  # noqa: F401
 )
 from soups.tracking.start_claims import (  # noqa: F401
     StartAction,
+    TakenOver,
     check_still_claimed,
     finished_start,
     next_start_action,

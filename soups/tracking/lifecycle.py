@@ -142,11 +142,13 @@ def heartbeat(run_id: str, every: float = HEARTBEAT_S) -> Iterator[None]:
 
     def beat() -> None:
         client = MlflowClient()
-        while not stop.wait(every):
+        while True:  # the first beat at once: a run's start time (or an old beat) may be long past
             try:
                 client.set_tag(run_id, HEARTBEAT, str(time.time()))
             except Exception as e:  # a lost beat is no reason to stop training
                 log.debug("heartbeat of run %s not written: %s", run_id, e)
+            if stop.wait(every):
+                return
 
     thread = threading.Thread(target=beat, name=f"heartbeat-{run_id[:8]}", daemon=True)
     thread.start()

@@ -129,11 +129,11 @@ def promote(name: str, version: int, val_accuracy: float, split: str, rival: Riv
         return why
 
     current = champion(name)
-    if current is not None and (rival is None or str(current.version) != str(rival.version)):
-        return f"{name}@{CHAMPION} stays version {current.version}: it became champion while this soup cooked"
-    if rival is None:
+    if current is None:  # none, or the alias was removed since the soup step looked
         why = move(f"the first {CHAMPION} (val {val_accuracy:.4f} on split {split})")
         return f"{name} version {version} is {why}"
+    if rival is None or str(current.version) != str(rival.version):
+        return f"{name}@{CHAMPION} stays version {current.version}: it became champion while this soup cooked"
     if rival.val_accuracy is None:
         return (
             f"{name}@{CHAMPION} stays version {rival.version}: {rival.why} (move it by hand if you mean to)"

@@ -114,12 +114,18 @@ def next_start_action(experiment_id: str, model: str, split: str, name: str) -> 
     return StartAction("wait", winner)
 
 
+class TakenOver(SoupsError):
+    """A start run another process marked FAILED while this one trained it (its heartbeat looked
+    stale): that process trains the start now."""
+
+
 def check_still_claimed(run_id: str) -> None:
-    """Before a claimed start finishes: refuse when another process took it over (it found the
-    heartbeat stale and marked the run FAILED), so that no split ever gets two finished starts."""
+    """Before a start run finishes: refuse when another process took it over (it found the
+    heartbeat stale and marked the run FAILED; MLflow would let FAILED turn FINISHED again), so
+    that no split ever gets two finished starts."""
     status = MlflowClient().get_run(run_id).info.status
     if status != "RUNNING":
-        raise SoupsError(
+        raise TakenOver(
             f"start run {run_id} was marked {status} by another process while it trained (its "
             f"heartbeat went stale for {STALE_S:.0f} s): that process trains the start; fine-tune again"
         )
