@@ -252,6 +252,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
 
 UNLOGGED = Path("unlogged-checkpoints")
+CACHE_ENV = "SOUPS_CACHE"  # the root of this machine's caches: checkpoints by run id, logits
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get(CACHE_ENV, "~/.cache/soups")).expanduser()
 
 
 def keep_locally(path: Path, run_id: str) -> Path:

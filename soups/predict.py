@@ -39,12 +39,14 @@ class Predictor:
             )
         return np.stack([resized(decode_bytes(item, k), self.ckpt.img_size) for k, item in enumerate(data)])
 
-    def probabilities(self, pixels: np.ndarray) -> torch.Tensor:
+    def logits(self, pixels: np.ndarray) -> torch.Tensor:
         evalset = EvalSet(
             torch.from_numpy(pixels), torch.zeros(len(pixels), dtype=torch.long), self.ckpt.num_classes
         )
-        logits = predict(self.model, evalset, self.ckpt.mean, self.ckpt.std, self.batch_size, self.device)
-        return logits.softmax(1)
+        return predict(self.model, evalset, self.ckpt.mean, self.ckpt.std, self.batch_size, self.device)
+
+    def probabilities(self, pixels: np.ndarray) -> torch.Tensor:
+        return self.logits(pixels).softmax(1)
 
     def predict(self, data) -> pd.DataFrame:
         """One row per image: `label` (class index), `class_name`, `probability`."""

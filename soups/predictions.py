@@ -4,10 +4,11 @@ files. Free of MLflow."""
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
-import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ from soups import SoupsError, data, layouts
 from soups.ensemble import attribute_vote, hard_vote
 from soups.evaluate import confusion, macro_f1
 from soups.layouts import Attributes
-from soups.models import Checkpoint
+from soups.logits_memo import memo_logits
+from soups.models import Checkpoint, weights_digest
 from soups.predict import Predictor
 from soups.recipe import Recipe
 
@@ -48,13 +50,23 @@ class Pixels:
 
 
 def predict_member(ckpt: Checkpoint, pixels: np.ndarray, tta: str, device) -> tuple[torch.Tensor, float]:
-    """Class probabilities of one model (averaged over the TTA views) and its seconds per image."""
-    predictor = Predictor(ckpt, device)
-    start = time.perf_counter()
-    probs = predictor.probabilities(pixels)
-    if tta == "hflip":
-        probs = (probs + predictor.probabilities(np.ascontiguousarray(pixels[:, :, ::-1]))) / 2
-    return probs, (time.perf_counter() - start) / max(len(pixels), 1)
+    """Class probabilities of one model (averaged over the TTA views) and its seconds per image.
+    A view an earlier step scored this model on (evaluate, the soup step) is read back, with the
+    seconds per image measured then."""
+    predictor = functools.cache(lambda: Predictor(ckpt, device))  # built only if a view is missing
+    digest = weights_digest(ckpt.state_dict)
+    views = [pixels] + ([np.ascontiguousarray(pixels[:, :, ::-1])] if tta == "hflip" else [])
+    probs, seconds = torch.zeros(len(pixels), ckpt.num_classes), 0.0
+    for view in views:
+        logits, s = memo_logits(
+            digest, torch.from_numpy(view), ckpt.mean, ckpt.std, device, partial(logits_of, predictor, view)
+        )
+        probs, seconds = probs + logits.softmax(1), seconds + s
+    return probs / len(views), seconds
+
+
+def logits_of(predictor, pixels: np.ndarray) -> torch.Tensor:
+    return predictor().logits(pixels)
 
 
 def score(pred: Prediction, labels: np.ndarray | None) -> Prediction:

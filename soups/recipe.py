@@ -92,7 +92,11 @@ class Recipe:
     max_train: int = option(0, "Use at most this many training images (0: all).")
     max_val: int = option(0, "Use at most this many validation images (0: all).")
     max_test: int = option(0, "Use at most this many test images (0: all).")
-    workers: int = option(2, "Data-loader worker processes.")
+    workers: int = option(
+        2,
+        "Processes loading training images and threads decoding held-out ones. On a CPU, training "
+        "images decoded in memory (cache_mb) are augmented in the training process instead.",
+    )
     save_every: int = option(
         0,
         "Keep the full training state (weights, optimizer, schedule, random state) as an artifact "

@@ -12,15 +12,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from soups import SoupsError
-from soups.models import sha256
-from soups.tracking.names import CACHE_ENV, CHECKPOINT, CHECKPOINT_FILE, SHA256
+from soups.models import cache_home, sha256
+from soups.tracking.names import CHECKPOINT, CHECKPOINT_FILE, SHA256
 from soups.tracking.registry import model_version
 from soups.tracking.search import get_run
 from soups.tracking.server import checked_run_id, configure
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV, "~/.cache/soups")).expanduser() / "checkpoints"
+    return cache_home() / "checkpoints"
 
 
 def cached_checkpoint(run) -> tuple[Path, bool]:

@@ -33,7 +33,6 @@ CHAMPION_WHY = "soups.champion_because"  # on a model version: why the alias mov
 NOTE = "mlflow.note.content"  # a run's, a model version's or an experiment's Markdown description
 EXPERIMENT_KIND = "mlflow.experimentKind"  # the UI opens an experiment in its model-training view
 MAX_NOTE_LENGTH = 8000  # MLflow keeps tag values up to this many characters
-CACHE_ENV = "SOUPS_CACHE"  # where downloaded checkpoints are kept, by run id
 
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
 MAX_PARAM_LENGTH = 6000
