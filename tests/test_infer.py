@@ -8,8 +8,10 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from importlib import metadata
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -296,6 +298,15 @@ def test_served_soup_answers_like_infer(store, tmp_path):
     base64, the answers equal infer's for the same files; then the server is stopped."""
     infer(store, "--output", str(tmp_path / "sub.csv"))
     expected = pd.read_csv(tmp_path / "sub.csv").set_index("ImageID").ans
+    # what a serving environment installs: the packages the model imports, at the versions that made it
+    model_dir = Path(
+        mlflow.artifacts.download_artifacts(
+            "models:/tiny@champion", dst_path=str(tmp_path / "m"), tracking_uri=store["uri"]
+        )
+    )
+    requirements = set((model_dir / "requirements.txt").read_text().split())
+    assert {f"{p}=={metadata.version(p)}" for p in ("torch", "timm", "pillow", "mlflow")} <= requirements
+    assert not any(r.startswith("soups") for r in requirements)  # not on any index: travels as code
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "PATH": f"{BIN}:{os.environ['PATH']}"}
     log = open(tmp_path / "serve.log", "w")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,17 @@ def champion(name: str):
         ) from None
 
 
+# What the served model imports (soups' own code travels with it as code), pinned to the versions
+# that made it. Listed, not inferred: MLflow's inference loads the model in a subprocess (7 s of
+# every soup step) and then named mlflow, numpy, pandas and an uninstallable `soups==0.1.0`,
+# neither torch nor timm.
+SERVED_PACKAGES = ("mlflow", "torch", "torchvision", "timm", "numpy", "pandas", "pillow", "pyyaml", "tqdm")
+
+
+def served_requirements() -> list[str]:
+    return [f"{p}=={importlib.metadata.version(p)}" for p in SERVED_PACKAGES]
+
+
 def register(
     checkpoint: Path,
     name: str,
@@ -100,6 +112,7 @@ def register(
         python_model=str(Path(__file__).parent / "served_model.py"),
         artifacts={"checkpoint": str(checkpoint)},
         code_paths=[str(Path(__file__).parents[1])],
+        pip_requirements=served_requirements(),
         registered_model_name=name,
     )
     version = int(info.registered_model_version)
