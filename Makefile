@@ -13,7 +13,7 @@ export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT ?= true
 DEMO_DATA ?= /usr/share/datasets/fashion-mnist
 DEMO_MEMBERS ?= 4
 
-.PHONY: demo test test-fast lint venv data clean bench stress screenshot
+.PHONY: demo demo-clock test test-fast lint venv data clean bench stress screenshot
 
 venv: $(STAMP)
 
@@ -27,7 +27,12 @@ $(STAMP): pyproject.toml
 data:
 	@bash scripts/fetch-fashion-mnist.sh "$(DEMO_DATA)"
 
-demo: venv data
+# The clock starts before the set-up (first prerequisite) and again before the steps.
+demo-clock:
+	@date +%s > .demo-started
+
+demo: demo-clock venv data
+	@date +%s > .demo-steps
 	$(BIN)/python -c "from soups.tracking import configure; configure()"
 	@echo "== start: the sweep's shared starting weights, trained once"
 	$(BIN)/mlflow run . -e start -P data=$(DEMO_DATA) --env-manager local
@@ -43,6 +48,7 @@ demo: venv data
 	@echo "== infer: the champion soup next to a soft-voting ensemble of the same ingredients"
 	$(BIN)/mlflow run . -e infer -P data=$(DEMO_DATA) -P ensemble=top:$(DEMO_MEMBERS) -P output=outputs/predictions.csv --env-manager local
 	@echo; echo "See the runs: $(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)  (http://127.0.0.1:5000)"
+	@echo "make demo took $$(( $$(date +%s) - $$(cat .demo-started) )) s, the pipeline's steps $$(( $$(date +%s) - $$(cat .demo-steps) )) s of it."; rm -f .demo-started .demo-steps
 
 # Two pytest workers, each taking whole test files (a file's shared servers and trained fixtures
 # are built once): most tests wait on processes they started, so two workers keep 2 cores busy.
@@ -58,9 +64,10 @@ test-fast: venv
 screenshot: venv
 	BIN=$(BIN) bash scripts/ui-screenshot.sh "$(MLFLOW_TRACKING_URI)" docs/runs-page.png
 
-# Speed, memory and soup-quality benchmarks; rewrites docs/BENCHMARKS.md (about 15 minutes).
+# Speed, memory and soup-quality benchmarks, each keeping its rows in bench/results/; renders
+# docs/BENCHMARKS.md from them. `make bench BENCH=soup_memory` reruns one (all of them: hours).
 bench: venv data
-	$(BIN)/python -m bench.run_all
+	$(BIN)/python -m bench.run_all $(BENCH)
 
 # Load, faults, bad input and security against real processes, with 12 concurrent fine-tunes;
 # ends with a table: scenario, expected, observed.

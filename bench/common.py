@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-RESULTS = Path(os.environ.get("SOUPS_BENCH_RESULTS", "bench/results"))
+RESULTS = Path(os.environ.get("SOUPS_BENCH_RESULTS", "bench/results"))  # kept in git: the doc's source
+STARTED = time.time()  # this benchmark's process began: its wall time in the results
 
 
 def photo(rng: np.random.Generator, height: int = 512, width: int = 384) -> Image.Image:
@@ -57,17 +58,48 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
+def machine() -> str:
+    """This machine in one line: cores, CPU, memory, GPU, Python and torch."""
+    import platform
+
+    import torch
+
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GiB RAM, {gpu}; "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
+
+
 def report(name: str, rows: list[dict], command: str) -> None:
-    """Print the rows and keep them for docs/BENCHMARKS.md. Each row: what, a, b, ratio, target, ok."""
+    """Print the rows and keep them, with the date, this machine, the command and its wall time,
+    in bench/results/<name>.json: docs/BENCHMARKS.md is rendered from those files
+    (`python -m bench.run_all --render`), so one benchmark reruns without the others.
+    Each row: what, a, b, ratio, target, ok."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     for row in rows:
         verdict = "" if row.get("ok") is None else ("  PASS" if row["ok"] else "  MISS")
         print(
             f"{row['what']}: {row['a']} | {row['b']} | ratio {row['ratio']} (target {row['target']}){verdict}"
         )
-    (RESULTS / f"{name}.json").write_text(
-        json.dumps({"name": name, "command": command, "rows": rows}, indent=1)
-    )
+    result = {
+        "name": name,
+        "command": command,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "seconds": round(time.time() - STARTED),
+        "rows": rows,
+    }
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 def command() -> str:
