@@ -39,8 +39,9 @@ def steps(members: int) -> list[tuple[str, list[str]]]:
     return out
 
 
-def run_demo(tree: Path, work: Path, members: int) -> tuple[dict[str, float], str]:
-    """Seconds per step of the demo run from `tree`; and the soup's test result in words."""
+def run_demo(tree: Path, work: Path, members: int) -> tuple[dict[str, float], float]:
+    """Seconds per step of the demo run from `tree`; and the registered soup's test gain over its
+    best member."""
     uri = f"sqlite:///{work / 'mlflow.db'}"
     env = {
         **os.environ,
@@ -67,15 +68,14 @@ def run_demo(tree: Path, work: Path, members: int) -> tuple[dict[str, float], st
     return took, soup_result(uri)
 
 
-def soup_result(uri: str) -> str:
+def soup_result(uri: str) -> float:
     client = mlflow.MlflowClient(uri)
     soup = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
         f"tags.`{tracking.ROLE}` = 'soup'",
         order_by=["attributes.start_time DESC"],
     )[0]
-    gain = soup.data.metrics.get("test_gain_over_best_ingredient", float("nan"))  # the registered one's
-    return f"soup {100 * gain:+.2f} over best member"
+    return soup.data.metrics.get("test_gain_over_best_ingredient", float("nan"))  # the registered one's
 
 
 def main() -> None:
@@ -99,7 +99,7 @@ def main() -> None:
                 sides[label] = run_demo(tree, tmp / f"{label}-store", args.members)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=ROOT, check=False)
-    (b, b_soup), (a, a_soup) = sides["before"], sides["after"]
+    (b, b_gain), (a, a_gain) = sides["before"], sides["after"]
     rows = [
         {
             "what": f"demo step {name}: {args.before} vs this tree, one after the other",
@@ -114,12 +114,13 @@ def main() -> None:
     total_b, total_a = sum(b.values()), sum(a.values())
     rows.append(
         {
-            "what": f"`make demo`'s steps in all ({args.members} members; {b_soup} before, {a_soup} after)",
+            "what": f"`make demo`'s steps in all ({args.members} members; the registered soup's test gain "
+            f"over its best member {100 * b_gain:+.2f} points before, {100 * a_gain:+.2f} after)",
             "a": f"before {total_b / 60:.1f} min",
             "b": f"after {total_a / 60:.1f} min",
             "ratio": f"{total_b / total_a:.2f}x faster",
-            "target": "after <= 6 min",
-            "ok": total_a <= 360,
+            "target": "after <= 6 min, the soup above its best member",
+            "ok": total_a <= 360 and a_gain > 0,
         }
     )
     report("demo_steps", rows, command())

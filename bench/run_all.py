@@ -29,6 +29,7 @@ DOC = Path("docs/BENCHMARKS.md")
 
 def render() -> str:
     results = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
+    results = {k: v for k, v in results.items() if isinstance(v, dict) and "rows" in v}  # not raw data
     order = [n for n in BENCHMARKS if n in results] + sorted(set(results) - set(BENCHMARKS))
     lines = [
         "# Benchmarks",

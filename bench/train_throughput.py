@@ -54,7 +54,7 @@ def product_rate(recipe, splits, val: EvalSet, epochs: int) -> list[float]:
     """images_per_s of each epoch of the product's fit, as its runs log it."""
     model = create_model(recipe.model, len(splits.train.classes))
     mean, std = normalisation(model)
-    loader, _ = train_loader(splits, recipe)
+    loader, _ = train_loader(splits, recipe, device=torch.device("cpu"))
     rates = []
     fit(
         model,

@@ -47,7 +47,8 @@ def soup_table(report) -> str:
             lines.append(f"{name:<26}{'-':>9}{'-':>9}  not made: {dish.error}")
             continue
         note = (
-            f"  (val on the {dish.result.held_out} images not fitted on; the best ingredient there: "
+            f"  (val on the {dish.result.held_out} images it did not rank or fit on; the best ingredient "
+            f"there: "
             f"{100 * dish.result.best_accuracy:.2f}%)"
             if dish.result.scored_on is not None
             else ""

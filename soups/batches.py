@@ -4,6 +4,8 @@ to draw the very batches an uninterrupted one would have."""
 
 from __future__ import annotations
 
+import logging
+
 import albumentations as A
 import numpy as np
 import torch
@@ -13,6 +15,8 @@ from soups.augment import pipeline
 from soups.distributed import SINGLE, RankBatches, World, check_batch
 from soups.evaluate import default_device
 from soups.recipe import Recipe
+
+log = logging.getLogger(__name__)
 
 
 def fits_in_memory(samples: data.Samples, size: int, cache_mb: int) -> bool:
@@ -111,11 +115,14 @@ def oversampled_classes(spec: str, classes: list[str]) -> list[int]:
     return sorted(set(picked))
 
 
-def train_loader(splits: data.Splits, recipe: Recipe, world: World = SINGLE) -> tuple[TrainLoader, int]:
+def train_loader(
+    splits: data.Splits, recipe: Recipe, world: World = SINGLE, device: torch.device | None = None
+) -> tuple[TrainLoader, int]:
     """Batches of the training split with the recipe's augmentation, plus the `oversample`
     classes repeated with their own augmentation, drawn from the training split alone; decoded
     images stay in memory when they fit in `cache_mb`. Returns the loader and how many images
-    were skipped as unreadable. With several processes, each loads its share of every batch."""
+    were skipped as unreadable. With several processes, each loads its share of every batch.
+    `device` is where the step runs (default: the GPU when there is one)."""
     size, skipped = recipe.img_size, 0
     source: data.Decoded | data.Samples = splits.train
     if fits_in_memory(splits.train, size, recipe.cache_mb):
@@ -136,5 +143,11 @@ def train_loader(splits: data.Splits, recipe: Recipe, world: World = SINGLE) -> 
     # 420 img/s with 2 workers, 600 without). Workers pay where they overlap with the step:
     # decoding files every epoch, or a GPU doing the step.
     decoding = isinstance(source, data.Samples)
-    workers = recipe.workers if decoding or default_device().type == "cuda" else 0
+    on_gpu = (device or default_device()).type == "cuda"
+    workers = recipe.workers if decoding or on_gpu else 0
+    if workers != recipe.workers:
+        log.info(
+            "workers=%d: training images are in memory and the CPU does the step; augmenting here",
+            recipe.workers,
+        )
     return TrainLoader(dataset, recipe, (transform, extra_transform), world, workers), skipped

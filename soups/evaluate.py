@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from soups.data import Decoded, model_input
-from soups.logits_memo import memo_logits
+from soups.logits_memo import architecture, memo_logits
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,9 @@ class Scorer:
         if recalibrate and self.bn_images is not None:
             return compute()
         # Weights as they are: any step that scored them on these images before did this work.
-        return memo_logits(state, evalset.images, self.mean, self.std, self.device, compute)[0]
+        return memo_logits(
+            architecture(self.model), state, evalset.images, self.mean, self.std, self.device, compute
+        )[0]
 
 
 def attribute_scores(attributes, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -10,7 +10,7 @@ import pandas as pd
 
 from soups import SoupsError, data, layouts, options, plots, tracking
 from soups.evaluate import EvalSet, attribute_scores, confusion, default_device, metrics, predict
-from soups.logits_memo import memo_logits
+from soups.logits_memo import architecture, memo_logits
 from soups.models import load_checkpoint
 from soups.options import checked, option
 from soups.recipe import Recipe, from_params
@@ -61,13 +61,15 @@ def score_run(run, given: dict, split: str, sets: dict):
     evalset = sets[key][0]
     ckpt = load_checkpoint(tracking.cached_checkpoint(run)[0])
     device = default_device()
+    model = ckpt.build()
     logits, _ = memo_logits(  # kept for the steps after: infer's ensemble votes with these logits
+        architecture(model),
         ckpt.state_dict,
         evalset.images,
         ckpt.mean,
         ckpt.std,
         device,
-        lambda: predict(ckpt.build(), evalset, ckpt.mean, ckpt.std, 2 * recipe.batch_size, device),
+        lambda: predict(model, evalset, ckpt.mean, ckpt.std, 2 * recipe.batch_size, device),
     )
     scores = metrics(logits, evalset.labels)
     scores.pop("correct")

@@ -156,7 +156,7 @@ def train_silently(role: str, recipe: Recipe, splits: data.Splits, world: distri
     model = create_model(recipe.model, len(splits.train.classes))
     if role == "start" and recipe.start_mode == "probe":
         freeze_all_but_head(model)
-    loader, _ = train_loader(splits, recipe, world)
+    loader, _ = train_loader(splits, recipe, world, training_device(world))
     state = distributed.broadcast(None, world)
     fit(
         model,
@@ -202,7 +202,7 @@ def train(
     epochs; `state` continues a run from one. Returns the checkpoint."""
     classes = splits.train.classes
     mean, std = normalisation(model)
-    loader, skipped = train_loader(splits, recipe, world)
+    loader, skipped = train_loader(splits, recipe, world, training_device(world))
     val = data.decode(splits.val, recipe.img_size, recipe.workers, recipe.skip_bad, "decode val")
     run.log_training_data(
         len(classes),

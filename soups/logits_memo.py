@@ -16,9 +16,15 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import timm
 import torch
 
 from soups.models import cache_home, weights_digest
+
+
+def architecture(model) -> str:
+    """A timm model's architecture (without a pretrained tag), the key's name for what computes."""
+    return getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
 
 
 def images_digest(images: torch.Tensor) -> str:
@@ -29,14 +35,25 @@ def images_digest(images: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def entry(weights: str, images: torch.Tensor, mean: Sequence[float], std: Sequence[float], device) -> Path:
-    """Where the logits of the model with weights digest `weights` on `images` are kept."""
+# A change to how soups feeds or scores a model (model_input, predict) must bump this: old entries
+# are then never read again.
+MEMO_VERSION = 1
+
+
+def entry(
+    arch: str, weights: str, images: torch.Tensor, mean: Sequence[float], std: Sequence[float], device
+) -> Path:
+    """Where the logits of model `arch` with weights digest `weights` on `images` are kept: two
+    architectures can share weights exactly (efficientnet_b0 and tf_efficientnet_b0 freshly built),
+    and torch or timm can change what the same weights compute."""
     fed = [round(float(v), 6) for v in (*mean, *std)], torch.device(device).type
-    key = hashlib.sha256(f"{weights}|{images_digest(images)}|{fed}".encode()).hexdigest()
+    code = f"{MEMO_VERSION}|torch {torch.__version__}|timm {timm.__version__}"
+    key = hashlib.sha256(f"{arch}|{weights}|{images_digest(images)}|{fed}|{code}".encode()).hexdigest()
     return cache_home() / "logits" / key[:2] / f"{key}.pt"
 
 
 def memo_logits(
+    arch: str,
     state: dict[str, torch.Tensor] | str,
     images: torch.Tensor,
     mean: Sequence[float],
@@ -44,9 +61,10 @@ def memo_logits(
     device,
     compute: Callable[[], torch.Tensor],
 ) -> tuple[torch.Tensor, float]:
-    """`compute()`'s logits of the model with weights `state` (or their digest) on `images`, from
-    the cache when any step computed them before; with the seconds per image they took then."""
-    path = entry(state if isinstance(state, str) else weights_digest(state), images, mean, std, device)
+    """`compute()`'s logits of model `arch` with weights `state` (or their digest) on `images`,
+    from the cache when any step computed them before; with the seconds per image they took then
+    (`compute` should hold only the forward passes: its time is what later steps report)."""
+    path = entry(arch, state if isinstance(state, str) else weights_digest(state), images, mean, std, device)
     with contextlib.suppress(Exception):  # unreadable or foreign: compute it again and replace it
         kept = torch.load(path, weights_only=True)
         if kept["logits"].shape[0] == len(images):
@@ -68,7 +86,7 @@ def keep(path: Path, record: dict) -> None:
         with os.fdopen(fd, "wb") as f:
             torch.save(record, f)
         os.replace(tmp, path)
-    except OSError:
+    except Exception:  # noqa: BLE001 - a cache is never worth a failed step
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

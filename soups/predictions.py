@@ -4,7 +4,6 @@ files. Free of MLflow."""
 
 from __future__ import annotations
 
-import functools
 import os
 import tempfile
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from soups import SoupsError, data, layouts
 from soups.ensemble import attribute_vote, hard_vote
 from soups.evaluate import confusion, macro_f1
 from soups.layouts import Attributes
-from soups.logits_memo import memo_logits
+from soups.logits_memo import architecture, memo_logits
 from soups.models import Checkpoint, weights_digest
 from soups.predict import Predictor
 from soups.recipe import Recipe
@@ -53,20 +52,22 @@ def predict_member(ckpt: Checkpoint, pixels: np.ndarray, tta: str, device) -> tu
     """Class probabilities of one model (averaged over the TTA views) and its seconds per image.
     A view an earlier step scored this model on (evaluate, the soup step) is read back, with the
     seconds per image measured then."""
-    predictor = functools.cache(lambda: Predictor(ckpt, device))  # built only if a view is missing
+    predictor = Predictor(ckpt, device)
     digest = weights_digest(ckpt.state_dict)
     views = [pixels] + ([np.ascontiguousarray(pixels[:, :, ::-1])] if tta == "hflip" else [])
     probs, seconds = torch.zeros(len(pixels), ckpt.num_classes), 0.0
     for view in views:
         logits, s = memo_logits(
-            digest, torch.from_numpy(view), ckpt.mean, ckpt.std, device, partial(logits_of, predictor, view)
+            architecture(predictor.model),
+            digest,
+            torch.from_numpy(view),
+            ckpt.mean,
+            ckpt.std,
+            device,
+            partial(predictor.logits, view),
         )
         probs, seconds = probs + logits.softmax(1), seconds + s
     return probs / len(views), seconds
-
-
-def logits_of(predictor, pixels: np.ndarray) -> torch.Tensor:
-    return predictor().logits(pixels)
 
 
 def score(pred: Prediction, labels: np.ndarray | None) -> Prediction:

@@ -3,9 +3,10 @@ and channels_last on CUDA. No MLflow here: each epoch is reported through `on_ep
 
 On a CPU the batches are channels_last already (`data.model_input` permutes NHWC pixels), which
 is what makes oneDNN's convolutions fast (2.4x an NCHW input in a probe of the demo's training
-step); the weights' own format changes nothing measurable. torch.compile is not used: on the demo's CPU training it was slower than eager
-(476 vs 624 img/s, after 48 s compiling) and scoring gained 1.12x only after 17 s of compiling,
-which pays off past half a million images a process (bench/train_throughput.py)."""
+step); the weights' own format moved the bare loop by 0.92x to 1.04x between runs, noise.
+torch.compile is not used: on the demo's CPU training it was slower than eager (476 vs 624 img/s,
+after 48 s compiling) and scoring gained 1.12x only after 17 s of compiling, which pays off past
+half a million images a process (bench/train_throughput.py)."""
 
 from __future__ import annotations
 

@@ -18,6 +18,13 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory):
+    """Checkpoints and logits the tests cache stay in a folder of this session (subprocesses
+    inherit it): a developer's ~/.cache/soups never feeds a test logits computed by older code."""
+    os.environ["SOUPS_CACHE"] = str(tmp_path_factory.mktemp("soups-cache"))
+
+
 def write_image(path: Path, rng: np.random.Generator, shade: int, size=(24, 32)) -> None:
     """A real image whose mean colour carries the class, so tiny models can learn it."""
     path.parent.mkdir(parents=True, exist_ok=True)

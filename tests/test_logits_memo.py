@@ -34,24 +34,25 @@ def test_same_weights_and_images_compute_once_anything_else_computes_again():
     state = {"w": torch.ones(3)}
     args = ([0.5] * 3, [0.25] * 3, "cpu")
     compute, calls = counting(torch.randn(6, 4))
-    first, seconds = logits_memo.memo_logits(state, images, *args, compute)
-    again, seconds_again = logits_memo.memo_logits({"w": torch.ones(3)}, images.clone(), *args, compute)
+    first, seconds = logits_memo.memo_logits("m", state, images, *args, compute)
+    again, seconds_again = logits_memo.memo_logits("m", {"w": torch.ones(3)}, images.clone(), *args, compute)
     assert len(calls) == 1 and torch.equal(first, again) and seconds == seconds_again
-    logits_memo.memo_logits({"w": torch.ones(3) * 2}, images, *args, compute)  # other weights
+    logits_memo.memo_logits("m", {"w": torch.ones(3) * 2}, images, *args, compute)  # other weights
     changed = images.clone()
     changed[0, 0, 0, 0] ^= 1
-    logits_memo.memo_logits(state, changed, *args, compute)  # one pixel differs
-    logits_memo.memo_logits(state, images, [0.4] * 3, [0.25] * 3, "cpu", compute)  # other normalisation
-    assert len(calls) == 4
+    logits_memo.memo_logits("m", state, changed, *args, compute)  # one pixel differs
+    logits_memo.memo_logits("m", state, images, [0.4] * 3, [0.25] * 3, "cpu", compute)  # other normalisation
+    logits_memo.memo_logits("other", state, images, *args, compute)  # same weights, other architecture
+    assert len(calls) == 5
 
 
 def test_a_damaged_entry_is_computed_again_and_replaced(cache):
     images = torch.zeros(2, 4, 4, 3, dtype=torch.uint8)
     compute, calls = counting(torch.randn(2, 3))
-    logits_memo.memo_logits("d", images, [0] * 3, [1] * 3, "cpu", compute)
+    logits_memo.memo_logits("m", "d", images, [0] * 3, [1] * 3, "cpu", compute)
     (entry,) = (cache / "logits").rglob("*.pt")
     entry.write_bytes(b"not a tensor file")
-    again, _ = logits_memo.memo_logits("d", images, [0] * 3, [1] * 3, "cpu", compute)
+    again, _ = logits_memo.memo_logits("m", "d", images, [0] * 3, [1] * 3, "cpu", compute)
     assert len(calls) == 2 and torch.equal(again, torch.load(entry, weights_only=True)["logits"])
     assert not list((cache / "logits").rglob("*.tmp"))
 
@@ -62,7 +63,7 @@ def test_an_unwritable_cache_costs_time_never_the_result(cache):
     compute, calls = counting(torch.ones(1, 2))
     for _ in range(2):
         logits, _ = logits_memo.memo_logits(
-            "d", torch.zeros(1, 2, 2, 3, dtype=torch.uint8), [0], [1], "cpu", compute
+            "m", "d", torch.zeros(1, 2, 2, 3, dtype=torch.uint8), [0], [1], "cpu", compute
         )
         assert torch.equal(logits, torch.ones(1, 2))
     assert len(calls) == 2

@@ -10,6 +10,7 @@ from soups.evaluate import EvalSet, Scorer
 from soups.layouts import read_layout
 from soups.models import create_model, normalisation
 from soups.soup import METHODS, Candidate, Kitchen, RunningAverage, greedy_soup, uniform_soup
+from soups.soup.greedy import prefix_soup
 from tests.conftest import make_imagefolder
 
 N = 6
@@ -119,6 +120,93 @@ def test_greedy_never_scores_below_its_best_ingredient(seed):
     result = greedy_soup(cands(range(N)), score, 100)
     assert result.correct >= result.best_correct == table[frozenset({0})]
     assert result.correct == table[members(result.state_dict)]
+
+
+def test_prefix_rule_sees_past_a_pair_that_scores_below_the_best_member():
+    """The myopia measured on the demo: the top two average below the best member, the top four
+    above it. The paper's rule stops at one; the prefix rule keeps all four."""
+    table = {
+        frozenset({0}): 80,
+        frozenset({0, 1}): 78,  # the pair dips: each-rule drops run1, and then every later pair
+        frozenset({0, 2}): 79,
+        frozenset({0, 3}): 79,
+        frozenset({0, 1, 2}): 80,
+        frozenset({0, 1, 2, 3}): 84,
+        frozenset({0, 1, 2, 3, 4}): 84,  # a tie: the longer prefix
+        frozenset({0, 1, 2, 3, 4, 5}): 83,
+    }
+    score, _ = fake_score(table)
+    assert greedy_soup(cands(range(N)), score, 100).ingredients == ["run0"]
+    score, calls = fake_score(table)
+    result = prefix_soup(cands(range(N)), score, 100)
+    assert result.ingredients == ["run0", "run1", "run2", "run3", "run4"]
+    assert (
+        members(result.state_dict) == {0, 1, 2, 3, 4} and result.correct == 84 and result.best_correct == 80
+    )
+    assert [s.status for s in result.steps] == ["kept"] * 5 + ["not kept"]
+    assert result.steps[5].reason == "top-6 soup: stopped early; the best prefix has 84"  # 83 < 84
+    # early rejection only rules out prefixes that cannot tie the best so far
+    assert calls[1] == (frozenset({0, 1}), 20) and calls[4] == (frozenset({0, 1, 2, 3, 4}), 16)
+    assert result.curve == [(1, 80), (3, 80), (4, 84), (5, 84)]  # prefixes 2 and 6 abandoned early
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_prefix_rule_keeps_the_best_prefix_and_never_scores_below_its_best_ingredient(seed):
+    g = torch.Generator().manual_seed(seed)
+    prefixes = [frozenset(range(k)) for k in range(1, N + 1)]
+    table = {s: int(torch.randint(0, 101, (1,), generator=g)) for s in prefixes}
+    score, _ = fake_score(table)
+    result = prefix_soup(cands(range(N)), score, 100)
+    best = max(table.values())
+    longest = max(k for k in range(1, N + 1) if table[frozenset(range(k))] == best)
+    assert result.correct == best >= result.best_correct == table[frozenset({0})]
+    assert members(result.state_dict) == set(range(longest)) and len(result.ingredients) == longest
+
+
+class ImageScorer:
+    """Per-image correctness of each set of ingredients: a scorer with subsets, as Scorer has."""
+
+    def __init__(self, right: dict, idx=None):
+        self.right, self.idx = right, torch.arange(len(next(iter(right.values())))) if idx is None else idx
+        self.size = len(self.idx)
+
+    def subset(self, idx):
+        return ImageScorer(self.right, self.idx[torch.as_tensor(idx)])
+
+    def correct(self, state, max_errors=None):
+        got = int(self.right[members(state)][self.idx].sum())
+        return None if max_errors is not None and self.size - got > max_errors else got
+
+
+def test_split_rule_ranks_on_one_half_and_chooses_on_the_other():
+    """run1 looks best only on the images it was chosen on; ranked on half A and judged on half B,
+    the soup of all three wins, and its scores are on B alone."""
+    from soups.soup.greedy import SPLIT_SEED, split_prefix_soup
+
+    n = 200
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    a, b = order[: n // 2], order[n // 2 :]
+
+    def right(on_a, on_b):
+        v = torch.zeros(n, dtype=torch.bool)
+        v[a[:on_a]], v[b[:on_b]] = True, True
+        return v
+
+    table = {
+        frozenset({0}): right(80, 70),
+        frozenset({1}): right(85, 60),  # best on A: ranks first
+        frozenset({2}): right(70, 70),
+        frozenset({0, 1}): right(0, 65),
+        frozenset({0, 1, 2}): right(0, 75),
+    }
+    result = split_prefix_soup(cands([0, 1, 2]), ImageScorer(table))
+    assert result.ingredients == ["run1", "run0", "run2"] and members(result.state_dict) == {0, 1, 2}
+    # the baseline stays the top-ranked run (what ships without a soup), on half B
+    assert result.held_out == 100 and result.best_correct == 70 and result.correct == 75
+    assert torch.equal(result.scored_on, b.sort().values)
+    assert [s.rank for s in result.steps] == [1, 2, 3] and result.steps[1].reason.startswith(
+        "rank 1 on half A"
+    )
 
 
 def test_broken_and_incompatible_candidates_are_skipped_with_reasons():

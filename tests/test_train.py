@@ -71,14 +71,28 @@ def test_metrics_count_exactly():
 
 
 def test_augmented_loader_is_reproducible(mask_root):
-    for workers in (0, 2):
+    splits = make_splits(read_layout("mask", mask_root), 0.25, 0.25, 0)
+    for workers, cache_mb in ((0, 2048), (2, 0)):  # cache_mb=0: decoding every epoch, in workers
         recipe = Recipe(
-            **{**TINY, "data": str(mask_root), "layout": "mask", "aug": "heavy", "workers": workers}
+            **{**TINY, "data": str(mask_root), "layout": "mask", "aug": "heavy", "workers": workers},
+            cache_mb=cache_mb,
         )
-        splits = make_splits(read_layout("mask", mask_root), 0.25, 0.25, 0)
-        first = [b[0] for b in train_loader(splits, recipe)[0]]
-        again = [b[0] for b in train_loader(splits, recipe)[0]]
+        loader = train_loader(splits, recipe, device=torch.device("cpu"))[0]
+        assert loader.num_workers == workers
+        first = [b[0] for b in loader]
+        again = [b[0] for b in train_loader(splits, recipe, device=torch.device("cpu"))[0]]
         assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_loader_processes_only_where_they_overlap_with_the_step(mask_root):
+    """On a CPU with the images in memory, worker processes would take the step's cores; they
+    stay for decoding from disk and for a GPU step."""
+    splits = make_splits(read_layout("mask", mask_root), 0.25, 0.25, 0)
+    base = {**TINY, "data": str(mask_root), "layout": "mask", "workers": 2}
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert train_loader(splits, Recipe(**base), device=cpu)[0].num_workers == 0
+    assert train_loader(splits, Recipe(**base, cache_mb=0), device=cpu)[0].num_workers == 2
+    assert train_loader(splits, Recipe(**base), device=gpu)[0].num_workers == 2
 
 
 def test_ema_weights_are_what_is_validated_and_kept(colours):

@@ -105,7 +105,7 @@ class Step:
 @dataclass
 class SoupResult:
     """What a soup method made. Counts are exact correct predictions on `held_out` images (for a
-    method that fits on part of the held-out set, only the part it was not fitted on)."""
+    method that ranks or fits on part of the held-out set, only the part it did not use for that)."""
 
     state_dict: StateDict
     ingredients: list[str]  # the candidates that went in, best first

@@ -10,6 +10,7 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from packaging.version import Version
 
 from soups import SoupsError
 from soups.tracking.names import (
@@ -91,7 +92,8 @@ SERVED_PACKAGES = ("mlflow", "torch", "torchvision", "timm", "numpy", "pandas", 
 
 
 def served_requirements() -> list[str]:
-    return [f"{p}=={importlib.metadata.version(p)}" for p in SERVED_PACKAGES]
+    # public versions: a local label (torch 2.14.1+cpu from PyTorch's own index) installs from nowhere
+    return [f"{p}=={Version(importlib.metadata.version(p)).public}" for p in SERVED_PACKAGES]
 
 
 def register(
