@@ -13,7 +13,7 @@ export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT ?= true
 DEMO_DATA ?= /usr/share/datasets/fashion-mnist
 DEMO_MEMBERS ?= 4
 
-.PHONY: demo demo-clock test test-fast lint venv data clean bench stress screenshot
+.PHONY: demo demo-clock test test-fast lint venv data clean bench bench-quality stress screenshot
 
 venv: $(STAMP)
 
@@ -68,6 +68,11 @@ screenshot: venv
 # docs/BENCHMARKS.md from them. `make bench BENCH=soup_memory` reruns one (all of them: hours).
 bench: venv data
 	$(BIN)/python -m bench.run_all $(BENCH)
+
+# The soup-quality comparison alone: 3 split seeds x 4 members, shared start and independent, every
+# method and the ensemble on the full test set (about 20 minutes here from an empty member cache).
+bench-quality: venv data
+	$(BIN)/python -m bench.run_all soup_quality
 
 # Load, faults, bad input and security against real processes, with 12 concurrent fine-tunes;
 # ends with a table: scenario, expected, observed.

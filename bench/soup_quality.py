@@ -146,9 +146,8 @@ def judge(sweep: Sweep, scorer: Scorer, test: EvalSet, methods: list[str]) -> di
         if scorer.bn_images is not None:  # what ships is what was scored
             state = {k: v.clone() for k, v in scorer.load(state).state_dict().items()}
         t0 = time.perf_counter()
-        logits = predict(
-            scorer.model, test, scorer.mean, scorer.std, scorer.batch_size
-        )  # timed, not memoised
+        model = scorer.load(state, recalibrate=False)  # the soup as it ships (recomputed above)
+        logits = predict(model, test, scorer.mean, scorer.std, scorer.batch_size)  # timed, not memoised
         out["soup s/img"] = (time.perf_counter() - t0) / len(test)
         out[name] = metrics(logits, test.labels)["accuracy"]
         gain = paired_gain(logits.argmax(1) == test.labels, probs[order[0]].argmax(1) == test.labels)
@@ -194,10 +193,10 @@ def main() -> None:
     )
     parser.add_argument("--recipe", default="configs/demo.yaml")
     parser.add_argument("--seeds", default="0,1,2", help="split seeds, comma-separated")
-    parser.add_argument("--members", type=int, default=6)
+    parser.add_argument("--members", type=int, default=4, help="members per sweep (the demo trains 4)")
     parser.add_argument(
         "--methods",
-        default=",".join(METHODS),
+        default=",".join([*METHODS, *(f"{DEFAULT_METHOD}:accept={a}" for a in ("each", "prefix"))]),
         help="soup methods to judge, comma-separated; `name:param=value+param=value` sets parameters",
     )
     parser.add_argument("--set", action="append", default=[], help="recipe override key=value (repeatable)")

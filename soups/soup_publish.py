@@ -45,7 +45,7 @@ def soup_note(report: SoupReport, g: Gathered, experiment_id: str) -> str:
         for row in report.table.to_dict("records")
     ]
     others = [
-        f"| {d.method} | {pct(d.val_accuracy)} | {pct(d.test_accuracy)} | "
+        f"| {d.method} | {val_cell(d)} | {pct(d.test_accuracy)} | "
         f"{d.test_gain.describe() if d.test_gain else '-'} | {d.n_ingredients} |"
         for d in report.dishes
     ]
@@ -76,6 +76,16 @@ def soup_note(report: SoupReport, g: Gathered, experiment_id: str) -> str:
             *others,
         ]
     )
+
+
+def val_cell(dish, best_val: float | None = None) -> str:
+    """A soup's val accuracy (beside `best_val`, the best ingredient's on all of val, when given);
+    for a method that ranks or fits on part of val, on the images it did not use for that, beside
+    the best ingredient on those same images."""
+    r = dish.result
+    if r is None or r.scored_on is None:
+        return pct(dish.val_accuracy) + ("" if best_val is None else f" (best ingredient {pct(best_val)})")
+    return f"{pct(r.accuracy)} on {r.held_out} images (best ingredient there {pct(r.best_accuracy)})"
 
 
 def pct(x) -> str:
@@ -131,8 +141,8 @@ def publish(run, report: SoupReport, g: Gathered, meta: Checkpoint, rival, name:
         note = (
             f"{soup_name(report)} from "
             f"{tracking.run_link(run.id, run.experiment_id, 'soup run ' + run.id[:8])}: "
-            f"val {pct(chosen.val_accuracy)}, test {pct(chosen.test_accuracy)} (best ingredient "
-            f"{pct(report.best_val_accuracy)} / {pct(report.best_test_accuracy)}). Ingredients: "
+            f"val {val_cell(chosen, report.best_val_accuracy)}, test {pct(chosen.test_accuracy)} "
+            f"(best ingredient {pct(report.best_test_accuracy)}). Ingredients: "
             + ", ".join(tracking.run_link(r, g.top.info.experiment_id) for r in chosen.result.ingredients)
         )
         version, report.registry = run.register(

@@ -108,8 +108,8 @@ def best_ingredient(result: SoupResult, ingredients, runs: list, scorer: Scorer,
     by_id = {r.info.run_id: r for r in runs}
     best_id = next(s.name for s in result.steps if s.status != "skipped")
     state = ingredients.load(by_id[best_id])
-    # The method scored it already on all of val, as it scored the soups; not a learned soup,
-    # which scores on part of val only.
+    # The method scored it already on all of val, as it scored the soups; not a method that ranks
+    # or fits on part of val and scores on the rest (learned; greedy with accept=split).
     val = result.best_correct if result.scored_on is None else scorer.correct(state)
     _, test_correct = shipped(state, scorer, recal, test)
     return Baseline(best_id, val / scorer.size, test_correct, tracking.rank_score(by_id[best_id]))

@@ -207,6 +207,50 @@ def test_split_rule_ranks_on_one_half_and_chooses_on_the_other():
     assert [s.rank for s in result.steps] == [1, 2, 3] and result.steps[1].reason.startswith(
         "rank 1 on half A"
     )
+    assert result.curve == [(1, 60), (2, 65), (3, 75)], "x: the soup of the top k on half A"
+
+
+def split_table(n: int, counts: dict) -> dict:
+    """Per-image correctness where each set of ingredients gets `counts[set] = (on_a, on_b)` right
+    on the halves of the split rule."""
+    from soups.soup.greedy import SPLIT_SEED
+
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    a, b = order[: n // 2], order[n // 2 :]
+    table = {}
+    for members_, (on_a, on_b) in counts.items():
+        v = torch.zeros(n, dtype=torch.bool)
+        v[a[:on_a]], v[b[:on_b]] = True, True
+        table[members_] = v
+    return table
+
+
+def test_split_rule_ships_the_top_ranked_run_alone_when_no_prefix_reaches_it_on_half_b():
+    """run0 ranks first by its logged val accuracy; on half A run1 looks best, and every prefix of
+    the half-A order scores below run0 alone on half B: run0 ships alone, unaveraged."""
+    from soups.soup.greedy import split_prefix_soup
+
+    table = split_table(200, {frozenset({0}): (50, 80), frozenset({1}): (90, 60), frozenset({0, 1}): (0, 70)})
+    result = split_prefix_soup(cands([0, 1]), ImageScorer(table))
+    assert result.ingredients == ["run0"] and members(result.state_dict) == {0} and not result.averaged
+    assert result.correct == result.best_correct == 80 and result.held_out == 100
+    assert [s.status for s in result.steps] == ["kept", "not kept"]
+    assert result.steps[0].reason.startswith("rank 2 on half A") and "ships alone" in result.steps[0].reason
+    assert result.curve == [(1, 60), (2, 70)]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_split_rule_never_chooses_below_its_baseline_on_half_b(seed):
+    from soups.soup.greedy import split_prefix_soup
+
+    g = torch.Generator().manual_seed(100 + seed)
+    sets = [frozenset(c) for k in range(1, 5) for c in itertools.combinations(range(4), k)]
+    table = split_table(200, {s: tuple(torch.randint(0, 101, (2,), generator=g).tolist()) for s in sets})
+    result = split_prefix_soup(cands(range(4)), ImageScorer(table))
+    assert result.best_correct == ImageScorer(table).subset(result.scored_on).correct(onehot(0))
+    assert result.correct >= result.best_correct
+    assert result.correct == ImageScorer(table).subset(result.scored_on).correct(result.state_dict)
+    assert result.averaged == (len(result.ingredients) > 1)
 
 
 def test_broken_and_incompatible_candidates_are_skipped_with_reasons():

@@ -121,7 +121,8 @@ def test_greedy_soup_skips_exactly_the_broken_runs_and_registers_a_champion(worl
     assert {by_i[i] for i in "012"} <= {"kept", "not kept"} and "kept" in by_i.values()
     assert list(table["rank"]) == sorted(table["rank"]) and table.val_accuracy.is_monotonic_decreasing
     m = r.data.metrics
-    assert m["n_usable"] == 3 and m["val_accuracy"] >= m["best_ingredient_val_accuracy"]
+    # the default rule scores the soup and the best ingredient on the same half of val: never below
+    assert m["n_usable"] == 3 and m["val_gain_over_best_ingredient"] >= 0
     assert {
         "test_accuracy",
         "uniform_val_accuracy",
@@ -129,7 +130,8 @@ def test_greedy_soup_skips_exactly_the_broken_runs_and_registers_a_champion(worl
         "best_ingredient_test_accuracy",
     } <= set(m)
     curve = client.get_metric_history(r.info.run_id, "soup_val_accuracy")
-    assert [p.step for p in curve] == sorted(p.step for p in curve) and len(curve) >= 3
+    steps = [p.step for p in curve]  # the soup of the top k on half A (prefixes abandoned early: none)
+    assert steps[0] == 1 and steps == sorted(set(steps)) and set(steps) <= {1, 2, 3}
     assert (
         r.data.params["method"] == "greedy"
         and r.data.params["tie"] == "ge"

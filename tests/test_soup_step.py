@@ -35,7 +35,8 @@ def test_soups_are_made_for_the_recipes_split_and_compared_like_with_like(
     client = mlflow.MlflowClient()
     client.log_metric(stray, tracking.RANK_METRIC, 1.0, step=99)  # it ranks first
 
-    report = make_soup(load_recipe(recipe_path), {}, SoupOptions(bn_recalibrate="on"))
+    opts = SoupOptions(bn_recalibrate="on", method_params={"accept": "each"})  # scores on all of val
+    report = make_soup(load_recipe(recipe_path), {}, opts)
     table = report.table.set_index("run_id")
     assert table.loc[stray, "status"] == "skipped" and "another split" in table.loc[stray, "reason"]
     assert report.best.run_id in members and set(report.chosen.result.ingredients) <= set(members)
@@ -51,18 +52,26 @@ def test_soups_are_made_for_the_recipes_split_and_compared_like_with_like(
     assert m["val_gain_over_best_ingredient"] == pytest.approx(report.chosen.result.val_gain)
     assert "from zero" in run.data.tags[tracking.NOTE]
 
-    # A learned soup is scored on the half of val it did not fit on: its gain, and the champion it
-    # is compared with, are measured on that half too.
-    learned = make_soup(load_recipe(recipe_path), {}, SoupOptions(method="learned", bn_recalibrate="on"))
-    result = learned.chosen.result
-    assert (
-        result.scored_on is not None
-        and result.held_out == len(result.scored_on) < report.chosen.result.held_out
-    )
-    assert tracking.get_run(learned.run_id).data.metrics["val_gain_over_best_ingredient"] == (
-        pytest.approx(result.accuracy - result.best_accuracy)
-    )
-    assert "same images" in learned.registry, learned.registry
+    # A learned soup is scored on the half of val it did not fit on, and the default greedy rule
+    # on the half it did not rank on: the gain, and the champion it is compared with, are measured
+    # on that half too.
+    for method in ("learned", "greedy"):
+        half = make_soup(load_recipe(recipe_path), {}, SoupOptions(method=method, bn_recalibrate="on"))
+        result = half.chosen.result
+        assert (
+            result.scored_on is not None
+            and result.held_out == len(result.scored_on) < report.chosen.result.held_out
+        )
+        metrics = tracking.get_run(half.run_id).data.metrics
+        assert metrics["val_gain_over_best_ingredient"] == pytest.approx(
+            result.accuracy - result.best_accuracy
+        )
+        assert "same images" in half.registry, half.registry
+        assert (
+            f"on {result.held_out} images (best ingredient there"
+            in tracking.get_run(half.run_id).data.tags[tracking.NOTE]
+        )
+    assert result.correct >= result.best_correct, "greedy's split rule never ships below its baseline"
 
 
 def test_the_champion_moves_only_past_the_version_it_was_compared_with(tracking_uri, tmp_path):

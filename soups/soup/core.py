@@ -23,6 +23,29 @@ StateDict = dict[str, torch.Tensor]
 Score = Callable[[StateDict, int | None], int | None]
 
 
+class Shapes:
+    """The keys and shapes of a first state dict, and nothing else: what a later one must match
+    to be averaged with it (a method that only checks compatibility holds no weights for it)."""
+
+    def __init__(self, state: StateDict | None = None) -> None:
+        self.shapes = {k: tuple(v.shape) for k, v in (state or {}).items()}
+
+    def mismatch(self, state: StateDict) -> str | None:
+        """Why `state` differs (the first key that does), or None; a first state always fits."""
+        if not self.shapes:
+            self.shapes = {k: tuple(v.shape) for k, v in state.items()}
+            return None
+        missing = [k for k in self.shapes if k not in state]
+        extra = [k for k in state if k not in self.shapes]
+        if missing or extra:
+            first = f"key {missing[0]} missing" if missing else f"unexpected key {extra[0]}"
+            return f"{first} ({len(missing)} missing, {len(extra)} extra)"
+        for k, v in state.items():
+            if tuple(v.shape) != self.shapes[k]:
+                return f"shape of {k} is {tuple(v.shape)}, soup has {self.shapes[k]}"
+        return None
+
+
 class RunningAverage:
     """Sum of state dicts in float64; integer buffers (e.g. num_batches_tracked) are copied from
     the first ingredient, never averaged."""
@@ -34,17 +57,7 @@ class RunningAverage:
 
     def mismatch(self, state: StateDict) -> str | None:
         """Why `state` cannot join this average (the first key that differs), or None."""
-        if not self.count:
-            return None
-        missing = [k for k in self.sum if k not in state]
-        extra = [k for k in state if k not in self.sum]
-        if missing or extra:
-            first = f"key {missing[0]} missing" if missing else f"unexpected key {extra[0]}"
-            return f"{first} ({len(missing)} missing, {len(extra)} extra)"
-        for k, v in state.items():
-            if v.shape != self.sum[k].shape:
-                return f"shape of {k} is {tuple(v.shape)}, soup has {tuple(self.sum[k].shape)}"
-        return None
+        return Shapes(self.sum).mismatch(state) if self.count else None
 
     def add(self, state: StateDict) -> None:
         if reason := self.mismatch(state):

@@ -1,19 +1,18 @@
 """Greedy soup (Wortsman et al. 2022, "Model soups", Recipe 1), with three acceptance rules:
+`split`, the default (rank the ingredients on one half of val, keep the rank-order prefix whose
+soup scores best on the other half, or the top-ranked run alone when none reaches it there);
 `each`, the paper's (start from the best ingredient, add each next one in rank order when the soup
-scores at least as well on the held-out set); `prefix` (keep the rank-order prefix whose soup
-scores best); and `split` (rank on one half of val, choose the prefix on the other). The default stays `each`
-until `split` never ships below its baseline (it can, when no prefix of the half-A order reaches
-the top-ranked run on half B) and the soup step's reports handle its half-B scores.
+scores at least as well on the held-out set); and `prefix` (the best rank-order prefix, on all of val).
 
-Why: on the demo recipe over three split seeds the paper's rule gained +0.08 points on test over
-the best member (kept 1, 1, 2 ingredients) while the uniform soup gained +0.51. Two faults, both
-measured: it is myopic (a pair scores below the best member while the average of all scores
+Why `split`: on the demo recipe over three split seeds the paper's rule gained +0.08 points on test
+over the best member (kept 1, 1, 2 ingredients) while the uniform soup gained +0.51. Two faults,
+both measured: it is myopic (a pair scores below the best member while the average of all scores
 above it), and the best member's val accuracy is inflated by having been chosen as the best of N
 on the same 1,000 images, so every soup compared with it there looks worse than it is. A prefix
 rule fixes the first only (+0.07, kept 1, 1, 4); ranking on half A and choosing on half B fixes
-both: +0.56 (+0.73, +0.43, +0.53; kept 2, 3, 3). On independently trained members (no shared
-start) every rule loses to the best member and `split` loses most (-0.66 against -0.39 for
-`each`): averaging needs a shared start whatever the rule (bench/soup_quality.py)."""
+both (bench/soup_quality.py; docs/BENCHMARKS.md has the rows). On independently trained members
+(no shared start) every rule loses to the best member and `split` loses most (-0.66 against -0.39
+for `each`): averaging needs a shared start whatever the rule."""
 
 from __future__ import annotations
 
@@ -22,18 +21,29 @@ from collections.abc import Iterable
 import torch
 
 from soups import SoupsError
-from soups.soup.core import Candidate, RunningAverage, Score, SoupResult, StateDict, Step, no_usable, usable
-from soups.soup.registry import Kitchen, Param, register
+from soups.soup.core import (
+    Candidate,
+    RunningAverage,
+    Score,
+    Shapes,
+    SoupResult,
+    StateDict,
+    Step,
+    no_usable,
+    usable,
+)
+from soups.soup.registry import HeldOut, Kitchen, Param, register
 
 ACCEPT_RULES = {
-    "each": "add each next ingredient when the soup with it scores no worse (the paper's rule)",
+    "split": "rank the ingredients on one half of val and choose the best prefix on the other, or "
+    "the top-ranked run alone when no prefix reaches it there (the best member's score is not "
+    "inflated by having been chosen on the same images)",
+    "each": "add each next ingredient when the soup with it scores no worse on all of val (the paper's rule)",
     "prefix": "score the soup of the top k for every k and keep the best (ties: the longer)",
-    "split": "rank the ingredients on one half of val and choose the best prefix on the other "
-    "(the best member's val score is not inflated by having been chosen on the same images)",
 }
 SPLIT_SEED = 0
 TIE_RULES = {
-    "ge": "keep an ingredient when the soup's score is not worse (the paper's rule)",
+    "ge": "accept=each: keep an ingredient when the soup's score is not worse (the paper's rule)",
     "strict": "keep an ingredient only when the soup's score improves",
 }
 
@@ -111,61 +121,72 @@ def prefix_soup(candidates: Iterable[Candidate], score: Score, held_out: int) ->
     return SoupResult(chosen, ingredients, steps, best, kept, held_out, len(ingredients) > 1, curve)
 
 
-def split_prefix_soup(candidates: Iterable[Candidate], scorer) -> SoupResult:
+def split_prefix_soup(candidates: Iterable[Candidate], scorer: HeldOut) -> SoupResult:
     """`prefix_soup` with the ranking and the choice on disjoint halves of the held-out set: the
     runs' val accuracy picked the best member on all of val, so on those images it looks better
     than it is (the best of N noisy scores), and every soup compared with it there looks worse.
-    Here the members are ranked on half A and the prefixes judged on half B only. The steps keep
-    the runs' own ranks, and the baseline is still the top-ranked run (what would ship without a
-    soup), scored on half B."""
+    Here the members are ranked on half A and the prefixes judged on half B only. The baseline is
+    still the top-ranked run (what would ship without a soup), scored on half B, and it ships
+    alone when no prefix reaches it there: the rule never chooses below its baseline. The steps
+    keep the runs' own ranks; the curve is the soup of the top k on half A, for each k."""
     order = torch.randperm(scorer.size, generator=torch.Generator().manual_seed(SPLIT_SEED))
     half = scorer.size // 2
     ranker, scored_on = scorer.subset(order[:half].sort().values), order[half:].sort().values
     chooser = scorer.subset(scored_on)
-    probe, skipped, ranked = RunningAverage(), [], []
-    top = 0  # the top-ranked usable run on half B
+    shapes, skipped, ranked = Shapes(), [], []
+    top: tuple[Candidate, StateDict, int] | None = None  # the top-ranked usable run, its half-B score
     for rank, cand in enumerate(candidates, start=1):
         try:
             state = cand.load()
         except SoupsError as e:
             skipped.append(Step(rank, cand.name, "skipped", str(e), None))
             continue
-        if reason := probe.mismatch(state):
+        if reason := shapes.mismatch(state):
             skipped.append(Step(rank, cand.name, "skipped", f"incompatible: {reason}", None))
             continue
-        if not probe.count:
-            probe.add(state)
-            top = chooser.correct(state)
+        if top is None:
+            top = (cand, state, chooser.correct(state))
         ranked.append((-ranker.correct(state), rank, cand))
         del state
-    if not ranked:
+    if top is None:
         raise no_usable(skipped)
     result = prefix_soup(
         [c for _, _, c in sorted(ranked, key=lambda r: r[:2])], chooser.correct, chooser.size
     )
     own_rank = {c.name: rank for _, rank, c in ranked}
+    result.curve = [
+        (k, s.soup_correct) for k, s in enumerate(result.steps, start=1) if s.soup_correct is not None
+    ]
     for step in result.steps:
         step.reason = f"rank {step.rank} on half A; {step.reason}"
         step.rank = own_rank[step.name]
+    if result.correct < top[2]:  # no prefix reaches the top-ranked run on half B: it ships alone
+        for step in result.steps:
+            alone = step.name == top[0].name
+            step.status = "kept" if alone else "not kept"
+            step.reason = (
+                f"{step.reason}; the top-ranked run alone scores {top[2]} on half B, the best prefix "
+                f"{result.correct}: it ships alone"
+            )
+        result.state_dict, result.ingredients = top[1], [top[0].name]
+        result.correct, result.averaged = top[2], False
     result.steps = sorted(skipped + result.steps, key=lambda s: s.rank)
-    result.curve = sorted(
-        (own_rank[s.name], s.soup_correct) for s in result.steps if s.soup_correct is not None
-    )
-    result.best_correct, result.scored_on = top, scored_on
+    result.best_correct, result.scored_on = top[2], scored_on
     return result
 
 
 @register(
     "greedy",
-    "add ingredients in rank order while the soup's val accuracy does not drop (accept=each; "
-    "prefix: the best rank-order prefix; split: ranked on half of val, chosen on the other)",
+    "the best rank-order prefix of the ingredients, ranked on half of val and chosen on the other "
+    "(accept=split; each: the paper's rule, add each next one while val accuracy does not drop)",
     "Wortsman et al. 2022, Model soups, greedy soup: https://arxiv.org/abs/2203.05482",
     params=(
         Param(
-            "accept", "each", "; ".join(f"{k}: {v}" for k, v in ACCEPT_RULES.items()), tuple(ACCEPT_RULES)
+            "accept", "split", "; ".join(f"{k}: {v}" for k, v in ACCEPT_RULES.items()), tuple(ACCEPT_RULES)
         ),
         Param("tie", "ge", "; ".join(f"{k}: {v}" for k, v in TIE_RULES.items()), tuple(TIE_RULES)),
     ),
+    curve_x="ingredients in the soup (accept=split: the top k on half A; each: candidates considered)",
 )
 def cook(kitchen: Kitchen, accept: str, tie: str) -> SoupResult:
     if accept == "prefix":

@@ -20,6 +20,11 @@ class HeldOut(Protocol):
 
     def correct(self, state: StateDict, max_errors: int | None = None) -> int | None: ...
 
+    def subset(self, idx: Any) -> HeldOut:
+        """The same scorer on part of the held-out set (a method that ranks or fits on one part
+        and chooses on another)."""
+        ...
+
 
 @dataclass
 class Kitchen:
