@@ -255,7 +255,7 @@ def rows(runs: dict, methods: list[str], args) -> list[dict]:
             row = {
                 "what": f"test accuracy, {where}" + (f"; ingredients kept {kept}" if kept[0] else ""),
                 "a": f"best single {pm(best)}",
-                "b": f"{name} {pm(values)}",
+                "b": f"{label(name)} {pm(values)}",
                 "ratio": points(gains),
                 "target": "report",
                 "ok": None,
@@ -288,6 +288,14 @@ def rows(runs: dict, methods: list[str], args) -> list[dict]:
             }
         )
     return out
+
+
+def label(name: str) -> str:
+    """`greedy (default: accept=split)`: the method as `greedy_soup` runs it with no parameters."""
+    if name != DEFAULT_METHOD:
+        return name
+    given = ", ".join(f"{p.name}={p.default}" for p in METHODS[name].params if p.name == "accept")
+    return f"{name} (default: {given})" if given else name
 
 
 def points(gains: list[float]) -> str:
