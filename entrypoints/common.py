@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from soups import SoupsError, distributed
+from soups import SoupsError, distributed, one_line
 from soups.options import cli_fields
 from soups.recipe import OPTION_FIELDS
 from soups.soup import all_params
@@ -98,7 +98,7 @@ def run_cli(step: Callable[[], Any]) -> Any:
     try:
         return step()
     except SoupsError as e:
-        raise click.ClickException(" ".join(str(e).split())) from None
+        raise click.ClickException(one_line(e)) from None
 
 
 def relaunch_if_parallel(nproc: int) -> None:

@@ -9,3 +9,13 @@ class SoupsError(Exception):
 class Stopped(Exception):
     """Training stopped on purpose before its last epoch (a pruned sweep trial): the run ends
     KILLED with the reason in a tag, and never becomes a soup ingredient."""
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line. A SoupsError raised in a DataLoader worker process (an
+    unreadable image decoded there) arrives wrapped in the worker's whole traceback; its own
+    message is that traceback's last line, after the exception's name."""
+    lines = str(error).strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        lines = [lines[-1].partition(": ")[2]]
+    return " ".join(" ".join(lines).split())

@@ -128,6 +128,9 @@ def train_loader(
     if fits_in_memory(splits.train, size, recipe.cache_mb):
         source = data.decode(splits.train, size, recipe.workers, recipe.skip_bad, "decode train")
         skipped = len(source.skipped)
+    elif recipe.skip_bad:  # decoded every epoch: leave the unreadable out before batches are drawn
+        source, bad = data.readable(splits.train, recipe.workers, "check train")
+        skipped = len(bad)
     transform = pipeline(recipe.aug, size, recipe.seed)
     parts = [ImageDataset(source, size, transform)]
     extra_transform = None

@@ -254,6 +254,25 @@ def decode(
     )
 
 
+def readable(samples: Samples, workers: int = 2, desc: str = "check") -> tuple[Samples, list[str]]:
+    """`samples` without the images that do not decode, and their keys: what `decode(skip_bad=True)`
+    leaves out, for images too many to keep decoded (each is decoded once here and dropped)."""
+
+    def ok(j: int) -> bool:
+        try:
+            samples.read(j)
+            return True
+        except SoupsError:
+            return False
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        good = list(
+            tqdm(pool.map(ok, range(len(samples))), total=len(samples), desc=desc, unit="img", leave=False)
+        )
+    bad = [samples.keys[j] for j, g in enumerate(good) if not g]
+    return (samples.subset(np.flatnonzero(good)) if bad else samples), bad
+
+
 def model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 NxHxWx3 -> normalised float Nx3xHxW, the same for training, evaluation and inference."""
     x = images.permute(0, 3, 1, 2).float().div_(255)

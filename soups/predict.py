@@ -26,17 +26,19 @@ class Predictor:
 
     def images(self, data) -> np.ndarray:
         """uint8 N x S x S x 3 from a DataFrame column `image` of base64 strings or raw bytes,
-        a list of those, or an array N x H x W x 3 of uint8 pixels."""
+        a list of those, or an array N x H x W x 3 of uint8 pixels. Anything else is refused with
+        the row and the reason: an empty request, another dtype or channel count (no guessing
+        whether floats are 0-1 or 0-255), an image over MAX_PIXELS (a decompression bomb)."""
         if isinstance(data, pd.DataFrame):
             if "image" not in data.columns:
                 raise SoupsError(
                     f"input needs a column `image` (base64 image bytes), got {list(data.columns)}"
                 )
             data = data["image"].tolist()
-        if isinstance(data, np.ndarray) and data.ndim == 4:
-            return np.stack(
-                [resized(Image.fromarray(np.asarray(x, np.uint8)), self.ckpt.img_size) for x in data]
-            )
+        if len(data) == 0:
+            raise SoupsError("the request holds no images")
+        if isinstance(data, np.ndarray) and data.dtype != object:
+            return np.stack([resized(Image.fromarray(x), self.ckpt.img_size) for x in pixel_rows(data)])
         return np.stack([resized(decode_bytes(item, k), self.ckpt.img_size) for k, item in enumerate(data)])
 
     def logits(self, pixels: np.ndarray) -> torch.Tensor:
@@ -61,12 +63,43 @@ class Predictor:
         )
 
 
+# The largest image decoded (width x height): the model sees img_size pixels anyway, and a small
+# PNG can claim billions of pixels (PIL warns only at 89 M and refuses at 179 M).
+MAX_PIXELS = 40_000_000
+
+
+def pixel_rows(data: np.ndarray) -> np.ndarray:
+    """An N x H x W x 3 uint8 array as it is, or a one-line reason it is not one."""
+    if data.ndim != 4 or data.shape[-1] != 3:
+        got = "x".join(map(str, data.shape))
+        rgba = data.ndim == 4 and data.shape[-1] == 4
+        hint = " (RGBA? drop or composite the alpha channel)" if rgba else ""
+        raise SoupsError(f"input array is {got}: send N x H x W x 3 RGB pixels{hint}")
+    if data.dtype != np.uint8:
+        raise SoupsError(
+            f"input array has dtype {data.dtype}: send uint8 pixels 0-255 (floats are not guessed at: "
+            "0-1 and 0-255 both occur)"
+        )
+    return data
+
+
 def decode_bytes(item, index: int) -> Image.Image:
+    """RGB pixels of one encoded image; transparency composited over white, as a viewer shows it
+    (a plain conversion would turn transparent pixels into whatever colour they hide, often black)."""
     try:
         raw = item if isinstance(item, bytes | bytearray) else base64.b64decode(item, validate=True)
         with Image.open(io.BytesIO(raw)) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise SoupsError(
+                    f"input image {index} is {img.width} x {img.height} pixels, over the limit of "
+                    f"{MAX_PIXELS:,}: send it resized"
+                )
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(white, rgba).convert("RGB")
             return img.convert("RGB")
-    except (binascii.Error, OSError, ValueError, TypeError) as e:
+    except (binascii.Error, OSError, ValueError, TypeError, Image.DecompressionBombError) as e:
         raise SoupsError(f"input image {index} cannot be decoded: {e}") from None
 
 

@@ -92,7 +92,7 @@ def pct(x) -> str:
     return "-" if x is None or pd.isna(x) else f"{100 * x:.2f}%"
 
 
-def publish(run, report: SoupReport, g: Gathered, meta: Checkpoint, rival, name: str) -> None:
+def publish(run, report: SoupReport, g: Gathered, meta: Checkpoint, judge, name: str) -> None:
     run.log_soup(report)
     run.rename(soup_name(report))
     run.describe(soup_note(report, g, run.experiment_id))
@@ -146,6 +146,6 @@ def publish(run, report: SoupReport, g: Gathered, meta: Checkpoint, rival, name:
             + ", ".join(tracking.run_link(r, g.top.info.experiment_id) for r in chosen.result.ingredients)
         )
         version, report.registry = run.register(
-            path, name, chosen.val_accuracy, g.splits.fingerprint, lineage, note, rival
+            path, name, chosen.val_accuracy, g.splits.fingerprint, lineage, note, judge
         )
     log.info("registered %s version %d; %s", name, version, report.registry)

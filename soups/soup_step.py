@@ -148,8 +148,10 @@ def make_soup(
         name = registered_model or registered_name(
             dataclasses.replace(g.ref, registered_model=recipe.registered_model)
         )
-        champion = champion_score(name, g.splits.fingerprint, dishes[0], scorer)
-        publish(run, report, g, ingredients.meta, champion, name)
+        # Scored when this soup's turn to be compared comes (tracking.promote): by then another
+        # soup step may have moved the alias.
+        judge = functools.partial(champion_score, name, g.splits.fingerprint, dishes[0], scorer)
+        publish(run, report, g, ingredients.meta, judge, name)
     return report
 
 

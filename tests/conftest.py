@@ -169,6 +169,17 @@ def mlflow_server(workdir: Path, *extra: str, env: dict | None = None):
         log.close()
 
 
+REQUIRE_SERVICES = "SOUPS_REQUIRE_SERVICES"  # set by .ci/run: every service test must run
+
+
+def service_missing(reason: str) -> None:
+    """Skip a test whose real service (PostgreSQL, Chromium) is not installed, saying why; under
+    CI (SOUPS_REQUIRE_SERVICES=1) fail it instead, so that CI never passes without them."""
+    if os.environ.get(REQUIRE_SERVICES):
+        pytest.fail(f"{reason}; {REQUIRE_SERVICES} is set, so this is a failure, not a skip", pytrace=False)
+    pytest.skip(reason)
+
+
 @contextlib.contextmanager
 def postgres_server(password: str | None = None):
     """A throwaway PostgreSQL cluster on 127.0.0.1 (Debian's postgresql package), as the postgres
@@ -181,7 +192,7 @@ def postgres_server(password: str | None = None):
 
     bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not bins:
-        pytest.skip("PostgreSQL is not installed here (apt-get install postgresql; .ci/run installs it)")
+        service_missing("PostgreSQL is not installed here (apt-get install postgresql; .ci/run installs it)")
     bindir = Path(bins[-1]).parent
     root = os.geteuid() == 0
     as_pg = ["runuser", "-u", "postgres", "--"] if root else []

@@ -32,6 +32,12 @@ def corrupt_jpeg(root, tmp_path):
     return [], str(victim)
 
 
+def corrupt_jpeg_decoded_each_epoch(root, tmp_path):
+    """Above cache_mb the loader's worker processes decode it: the line still names the file."""
+    _, victim = corrupt_jpeg(root, tmp_path)
+    return ["--cache_mb", "0", "--workers", "2"], victim
+
+
 def empty_png(root, tmp_path):
     victim = first_person(root) / "normal.png"
     victim.write_bytes(b"")
@@ -74,6 +80,7 @@ def unknown_recipe_key(root, tmp_path):
 
 CASES = [
     corrupt_jpeg,
+    corrupt_jpeg_decoded_each_epoch,
     empty_png,
     empty_class_folder,
     unparsable_folder,

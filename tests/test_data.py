@@ -222,3 +222,26 @@ def test_a_missing_data_folder_says_how_to_get_the_demo_data_or_use_your_own(tmp
 
     with pytest.raises(SoupsError, match=r"not found: .*`make data`.*-P data=<folder>.*layout=imagefolder"):
         data_root(tmp_path / "nowhere")
+
+
+def test_an_image_unreadable_in_a_loader_process_is_one_line_naming_it():
+    """DataLoader wraps a worker's exception in the worker's traceback; the line users see is the
+    exception's own message."""
+    import torch
+
+    from soups import one_line
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, j):
+            if j == 2:
+                raise SoupsError("cannot read image /data/cat/7.png: truncated")
+            return j
+
+    with pytest.raises(SoupsError) as caught:
+        list(torch.utils.data.DataLoader(Broken(), batch_size=2, num_workers=2))
+    assert "Traceback" in str(caught.value)
+    assert one_line(caught.value) == "cannot read image /data/cat/7.png: truncated"
+    assert one_line(SoupsError("two\n  lines")) == "two lines"

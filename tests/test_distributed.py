@@ -30,7 +30,12 @@ def world(tmp_path_factory):
     work = tmp_path_factory.mktemp("ddp")
     root = make_fashion_mnist(work / "fmnist", n_train=200)
     recipe = write_recipe(work / "r.yaml", experiment="ddp", data=str(root), layout="fashion-mnist", **RECIPE)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+        "PYTHONPATH": str(ROOT),
+        "SOUPS_HEARTBEAT_S": "1",  # a killed run counts as gone after 3 s, not 90
+    }
     env.pop("MLFLOW_RUN_ID", None)
     return {"work": work, "recipe": recipe, "env": env}
 
@@ -180,6 +185,7 @@ def test_a_fine_tune_killed_after_epoch_1_resumes_in_place_to_the_same_checkpoin
     killed = client(world).get_run(rid)
     assert killed.info.status == "RUNNING" and killed.data.tags["soups.state_epoch"] == "1"
     assert "soups.sha256" not in killed.data.tags
+    time.sleep(3.5)  # three of its 1 s heartbeats missed: its process is gone
     assert finetune(world, "--resume", rid) == rid
     resumed, one = client(world).get_run(rid), client(world).get_run(single)
     assert resumed.info.status == "FINISHED"
@@ -188,6 +194,34 @@ def test_a_fine_tune_killed_after_epoch_1_resumes_in_place_to_the_same_checkpoin
     # Same data order, same random state, same steps: the very checkpoint of the uninterrupted run.
     assert resumed.data.tags["soups.sha256"] == one.data.tags["soups.sha256"]
     assert resumed.data.metrics["best_val_accuracy"] == one.data.metrics["best_val_accuracy"]
+
+
+def test_resume_refuses_a_run_whose_process_is_still_training(world):
+    """Two processes would train and upload into one run: while the first one's heartbeat is
+    fresh, `resume` says so in one line, with how long to wait."""
+    before = set(runs(world))
+    proc = subprocess.Popen(
+        command(world, "--save_every", "1", "--epochs", "400"),
+        env=world["env"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        run = wait_for(new_run(world, before, tag="soups.state_epoch"), 300, "the state after epoch 1")
+        twice = subprocess.run(
+            command(world, "--resume", run.info.run_id), env=world["env"], capture_output=True, text=True
+        )
+        assert proc.poll() is None, "the first process was still training"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    last = twice.stderr.strip().splitlines()[-1]
+    assert twice.returncode == 1 and last.startswith(
+        f"Error: resume={run.info.run_id}: the run is RUNNING"
+    ), last
+    assert "its process said it was alive" in last and "resume again in" in last
+    assert client(world).get_run(run.info.run_id).info.status == "RUNNING", "nothing ended the live run"
 
 
 def test_two_processes_with_start_auto_make_the_start_together_then_the_member(world):

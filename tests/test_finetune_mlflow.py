@@ -119,7 +119,8 @@ def test_standalone_failure_ends_the_run_failed_without_checkpoint(tmp_path, tra
     assert "soups.sha256" not in r.data.tags
 
 
-def test_skip_bad_trains_around_unreadable_images(tmp_path, tracking_uri, recipe, mask_root):
+@pytest.mark.parametrize("cache_mb", ["2048", "0"], ids=["decoded-once", "decoded-each-epoch"])
+def test_skip_bad_trains_around_unreadable_images(tmp_path, tracking_uri, recipe, mask_root, cache_mb):
     broken = tmp_path / "broken"
     subprocess.run(["cp", "-r", str(mask_root), str(broken)], check=True)
     for folder in list((broken / "train" / "images").iterdir())[:6]:
@@ -140,6 +141,10 @@ def test_skip_bad_trains_around_unreadable_images(tmp_path, tracking_uri, recipe
             "true",
             "--epochs",
             "1",
+            "--cache_mb",
+            cache_mb,  # 0: the training images are decoded every epoch, in loader processes
+            "--workers",
+            "2",
         ],
         tracking_uri,
     )

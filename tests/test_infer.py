@@ -1,6 +1,7 @@
 """infer end to end on generated data with a registered model, and the served model over HTTP."""
 
 import base64
+import io
 import json
 import os
 import signal
@@ -16,6 +17,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
+from PIL import Image
 
 from soups import SoupsError, tracking
 from soups.models import Checkpoint, create_model, save_checkpoint, sha256
@@ -293,6 +296,19 @@ def test_labelled_folder_ensemble_and_tta(store, tmp_path):
     assert run.data.tags["soups.role"] == "inference" and run.data.params["tta"] == "hflip"
 
 
+def post(port: int, payload: dict) -> tuple[int, str]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        json.dumps(payload).encode(),
+        {"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
 def test_served_soup_answers_like_infer(store, tmp_path):
     """`mlflow models serve` on 127.0.0.1 with the registered model: two real images posted as
     base64, the answers equal infer's for the same files; then the server is stopped."""
@@ -307,6 +323,12 @@ def test_served_soup_answers_like_infer(store, tmp_path):
     requirements = set((model_dir / "requirements.txt").read_text().split())
     assert {f"{p}=={metadata.version(p)}" for p in ("torch", "timm", "pillow", "mlflow")} <= requirements
     assert not any(r.startswith("soups") for r in requirements)  # not on any index: travels as code
+    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
+    assert (
+        '"name": "image"' in mlmodel["signature"]["inputs"]
+        and "class_name" in mlmodel["signature"]["outputs"]
+    )
+    assert (model_dir / "serving_input_example.json").is_file(), "an input example, as MLflow's flavours log"
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "PATH": f"{BIN}:{os.environ['PATH']}"}
     log = open(tmp_path / "serve.log", "w")
@@ -353,6 +375,38 @@ def test_served_soup_answers_like_infer(store, tmp_path):
         text = refused.value.read().decode()
         assert refused.value.code == 400 and "input image 1 cannot be decoded" in text
         assert "Traceback" not in text and "stack_trace" not in text
+        # hostile requests: each a 400 with its reason, never a stack trace or a silent guess
+        side = 6400  # 41 M pixels in a PNG of a few KB
+        buf = io.BytesIO()
+        Image.new("1", (side, side)).save(buf, "PNG")
+        bomb = base64.b64encode(buf.getvalue()).decode()
+        for payload, said in [
+            ({"dataframe_split": {"columns": ["image"], "data": []}}, "holds no images"),
+            (
+                {"dataframe_split": {"columns": ["image"], "data": [[images[0]], [bomb]]}},
+                "input image 1 is 6400 x 6400",
+            ),
+            ({"inputs": [[[[0.5, 0.5, 0.5]]]]}, "image"),  # a float array: the signature wants the column
+            ({"dataframe_split": {"columns": ["img"], "data": [[images[0]]]}}, "image"),
+        ]:
+            code, text = post(port, payload)
+            assert code == 400 and said in text and "Traceback" not in text, (
+                payload.keys(),
+                code,
+                text[:500],
+            )
+        buf = io.BytesIO()
+        Image.new("RGBA", (28, 28), (0, 0, 0, 0)).save(buf, "PNG")  # transparent: shown as white
+        code, text = post(
+            port,
+            {
+                "dataframe_split": {
+                    "columns": ["image"],
+                    "data": [[base64.b64encode(buf.getvalue()).decode()]],
+                }
+            },
+        )
+        assert code == 200 and len(json.loads(text)["predictions"]) == 1
         # ... and the server goes on answering good requests
         with urllib.request.urlopen(
             urllib.request.Request(

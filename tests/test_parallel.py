@@ -104,6 +104,29 @@ def test_resume_refuses_runs_it_cannot_continue(tiny_recipe, tracking_uri):
         resume("../../etc")
 
 
+def test_resume_refuses_a_run_whose_process_still_beats(tiny_recipe, tracking_uri):
+    """A RUNNING run whose heartbeat is fresh may still be training: a second process would train
+    and upload into the same run. Refused, saying how long until it counts as gone."""
+    import time
+
+    from soups import tracking
+
+    done = finetune(load_recipe(tiny_recipe))
+    client = mlflow.MlflowClient()
+    run = client.create_run(client.get_run(done).info.experiment_id).info.run_id
+    tags = {"soups.role": "ingredient", "soups.state_epoch": "1", "soups.heartbeat_every": "30"}
+    for k, v in {**tags, "soups.heartbeat": str(time.time() - 10)}.items():
+        client.set_tag(run, k, v)
+    said = rf"^resume={run}: the run is RUNNING and its process said it was alive 1\d s ago; if that process"
+    with pytest.raises(SoupsError, match=said + r" is gone, resume again in [78]\d s$"):
+        resume(run)
+    client.set_tag(run, "soups.heartbeat", str(time.time() - 91))  # three beats missed: gone
+    assert tracking.resumable(run).info.run_id == run
+    client.set_tag(run, "soups.heartbeat", str(time.time()))
+    client.set_terminated(run, "FAILED")  # ended: no process of its own, whatever the last beat
+    assert tracking.resumable(run).info.run_id == run
+
+
 def test_a_sigterm_while_the_failed_run_is_being_ended_still_leaves_it_failed(tracking_uri, monkeypatch):
     """torchrun SIGTERMs rank 0 right after the other rank dies; when that lands inside `end_run`
     (rank 0 already failing on the lost peer), the run must still end FAILED, not RUNNING."""

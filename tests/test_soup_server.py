@@ -151,10 +151,19 @@ def test_greedy_soup_skips_exactly_the_broken_runs_and_registers_a_champion(worl
         model = mlflow.pyfunc.load_model("models:/tiny-soup@champion")
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
-    import numpy as np
+    import base64
+    import io
 
-    pred = model.predict(np.zeros((2, 40, 30, 3), np.uint8))
+    from PIL import Image
+
+    def png(w: int, h: int) -> str:
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h), (40, 90, 160)).save(buf, "PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    pred = model.predict(pd.DataFrame({"image": [png(40, 30), png(17, 64)]}))  # as its signature says
     assert list(pred.columns) == ["label", "class_name", "probability"] and len(pred) == 2
+    assert model.metadata.get_input_schema().input_names() == ["image"]
 
 
 def test_second_soup_downloads_nothing_and_a_tie_keeps_the_champion(world):

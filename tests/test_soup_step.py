@@ -5,7 +5,7 @@ comparison made on the same images."""
 import mlflow
 import pytest
 
-from soups import tracking
+from soups import SoupsError, tracking
 from soups.finetune import finetune
 from soups.recipe import load_recipe
 from soups.soup_step import SoupOptions, make_soup
@@ -74,25 +74,49 @@ def test_soups_are_made_for_the_recipes_split_and_compared_like_with_like(
     assert result.correct >= result.best_correct, "greedy's split rule never ships below its baseline"
 
 
-def test_the_champion_moves_only_past_the_version_it_was_compared_with(tracking_uri, tmp_path):
-    """Two soup steps finishing together: the alias moves only when the champion is still the
-    version the new soup was scored against; 'no such alias' (and no such model) means none."""
+def test_promotions_take_turns_in_version_order_and_judge_the_champion_of_their_turn(tracking_uri, tmp_path):
+    """The champion is read and scored when a version's turn comes, after every earlier pending
+    version was decided; 'no such alias' (and no such model) means none; the outcome is tagged."""
+    import threading
+    import time
+
     client = mlflow.MlflowClient()
     assert tracking.champion("nobody") is None
     client.create_registered_model("m")
     assert tracking.champion("m") is None
-    for _ in range(3):
-        client.create_model_version("m", source=str(tmp_path))
-    assert tracking.promote("m", 1, 0.5, "s", None).startswith("m version 1 is the first champion")
-    moved = tracking.promote("m", 2, 0.7, "s", tracking.Rival("1", 0.6))
-    assert "moved to version 2" in moved and str(tracking.champion("m").version) == "2"
-    # version 3 won meanwhile: a soup scored against version 2 never overwrites it
-    client.set_registered_model_alias("m", tracking.CHAMPION, "3")
-    kept = tracking.promote("m", 1, 0.99, "s", tracking.Rival("2", 0.7))
-    assert "stays version 3" in kept and str(tracking.champion("m").version) == "3"
-    assert "stays version 3" in tracking.promote("m", 1, 0.99, "s", None)
-    # a worse soup leaves the champion where it is
-    assert "stays version 3" in tracking.promote("m", 1, 0.1, "s", tracking.Rival("3", 0.8))
-    # the alias removed since the soup step looked: this soup is the first champion again
+    for _ in range(4):
+        client.create_model_version("m", source=str(tmp_path), tags={tracking.PROMOTION: tracking.PENDING})
+    scores = {"1": 0.5, "2": 0.7, "3": 0.6}  # each version's val on the images of the soup being judged
+
+    def judge():
+        champ = tracking.champion("m")
+        return champ and tracking.Rival(str(champ.version), scores[str(champ.version)], "")
+
+    # version 2 waits while version 1 is pending, however early it asks
+    second = []
+    waiting = threading.Thread(target=lambda: second.append(tracking.promote("m", 2, 0.7, "s", judge)))
+    waiting.start()
+    time.sleep(1.5)
+    assert waiting.is_alive() and tracking.champion("m") is None, "version 2 went before version 1"
+    assert tracking.promote("m", 1, 0.5, "s", judge).startswith("m version 1 is the first champion")
+    waiting.join(timeout=30)
+    assert "moved to version 2: val 0.7000 beats version 1's 0.5000" in second[0]
+    # version 3 is compared with version 2 (the champion of its turn) and stays out
+    assert "stays version 2" in tracking.promote("m", 3, 0.6, "s", judge)
+    tags = {str(v.version): v.tags[tracking.PROMOTION] for v in client.search_model_versions("name = 'm'")}
+    assert tags["1"].startswith("m version 1 is the first") and "stays version 2" in tags["3"]
+
+    # a champion that cannot be read is an error: the alias stays, the version says why
+    def unreadable():
+        raise SoupsError("could not read m@champion: 503")
+
+    with pytest.raises(SoupsError, match="503"):
+        tracking.promote("m", 4, 0.99, "s", unreadable)
+    assert str(tracking.champion("m").version) == "2"
+    assert (
+        client.get_model_version("m", "4").tags[tracking.PROMOTION]
+        == "not decided: could not read m@champion: 503"
+    )
+    # the alias removed meanwhile: the next soup is the first champion again
     client.delete_registered_model_alias("m", tracking.CHAMPION)
-    assert "is the first champion" in tracking.promote("m", 2, 0.1, "s", tracking.Rival("3", 0.8))
+    assert "is the first champion" in tracking.promote("m", 4, 0.1, "s", judge)

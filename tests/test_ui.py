@@ -16,7 +16,7 @@ from soups.finetune import finetune, make_start
 from soups.infer_step import InferOptions, infer
 from soups.recipe import load_recipe
 from soups.soup_step import SoupOptions, make_soup
-from tests.conftest import TINY, mlflow_server, write_recipe
+from tests.conftest import TINY, mlflow_server, service_missing, write_recipe
 
 pytestmark = pytest.mark.slow  # real processes: servers, `mlflow run`, workers
 
@@ -189,10 +189,9 @@ def render(url: str, screenshot: str | None = None) -> str:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-@pytest.mark.skipif(
-    chromium() is None, reason="Chromium is not installed (apt-get install chromium; .ci/run installs it)"
-)
 def test_the_ui_shows_names_datasets_and_the_soups_ingredients_in_a_real_browser(pipeline):
+    if chromium() is None:
+        service_missing("Chromium is not installed (apt-get install chromium; .ci/run installs it)")
     p = pipeline
     runs_page = render(f"{p['uri']}/#/experiments/{p['exp']}/runs")
     for name in (

@@ -16,12 +16,38 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from soups import SoupsError, Stopped
-from soups.tracking.names import EXPERIMENT_KIND, HEARTBEAT, HOLDS_SECRET, NOTE, ROLE, STOPPED
+from soups.tracking.names import (
+    EXPERIMENT_KIND,
+    HEARTBEAT,
+    HEARTBEAT_EVERY,
+    HOLDS_SECRET,
+    NOTE,
+    ROLE,
+    STOPPED,
+)
 from soups.tracking.runs import Run
-from soups.tracking.server import checked_run_id, configure
+from soups.tracking.server import checked_run_id, configure, shown
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 30.0  # how often a training run says its process is alive (start_claims.STALE_S)
+HEARTBEAT_ENV = "SOUPS_HEARTBEAT_S"  # overrides it (tests; a team whose runs must resume sooner)
+LIVE_BEATS = 3  # a RUNNING run that beat within this many of its intervals may still be alive
+
+
+def heartbeat_interval() -> float:
+    return float(os.environ.get(HEARTBEAT_ENV) or HEARTBEAT_S)
+
+
+def signs_of_life(run) -> tuple[float, float] | None:
+    """(seconds since its last beat, seconds until it counts as dead) of a RUNNING run whose
+    process may still be alive, or None when it is not RUNNING or its beats stopped long enough
+    ago (LIVE_BEATS of its own interval)."""
+    beat = run.data.tags.get(HEARTBEAT)
+    if run.info.status != "RUNNING" or beat is None:
+        return None
+    every = float(run.data.tags.get(HEARTBEAT_EVERY, HEARTBEAT_S))
+    age = time.time() - float(beat)
+    return (age, LIVE_BEATS * every - age) if age < LIVE_BEATS * every else None
 
 
 def ensure_experiment(name: str) -> str:
@@ -135,15 +161,21 @@ def step_experiment(name: str, parent: Run | None = None) -> str:
 
 
 @contextmanager
-def heartbeat(run_id: str, every: float = HEARTBEAT_S) -> Iterator[None]:
+def heartbeat(run_id: str, every: float | None = None) -> Iterator[None]:
     """Keep tag `soups.heartbeat` of a run fresh from a background thread while the body runs, so
-    that others can tell a live run from one whose process is gone (a claimed start)."""
+    that others can tell a live run from one whose process is gone (a claimed start, a run asked
+    to resume). The interval (`SOUPS_HEARTBEAT_S`, 30 s) is tagged with it."""
     stop = threading.Event()
+    every = every or heartbeat_interval()
 
     def beat() -> None:
         client = MlflowClient()
+        first = True
         while True:  # the first beat at once: a run's start time (or an old beat) may be long past
             try:
+                if first:
+                    client.set_tag(run_id, HEARTBEAT_EVERY, f"{every:g}")
+                    first = False
                 client.set_tag(run_id, HEARTBEAT, str(time.time()))
             except Exception as e:  # a lost beat is no reason to stop training
                 log.debug("heartbeat of run %s not written: %s", run_id, e)
@@ -199,9 +231,7 @@ def _end(status: str, tags: dict | None = None) -> None:
                 mlflow.set_tags(tags)
             mlflow.end_run(status)
     except Exception as e:  # the server is gone: say so, do not mask the error that ended the run
-        log.warning(
-            "could not mark the run %s on %s: %s", status, mlflow.get_tracking_uri(), str(e).splitlines()[0]
-        )
+        log.warning("could not mark the run %s on %s: %s", status, shown(), str(e).splitlines()[0])
 
 
 @contextmanager

@@ -9,6 +9,7 @@ START_RUN = "soups.start_run"  # the start run those weights came from (absent: 
 SHA256 = "soups.sha256"  # of the checkpoint artifact
 START_FOR = "soups.start_for"  # on a start run: "<model> <split>", what it is (claimed to be) the start of
 HEARTBEAT = "soups.heartbeat"  # unix time a training run last said its process is alive
+HEARTBEAT_EVERY = "soups.heartbeat_every"  # seconds between those beats (a run older than 3 of them is dead)
 STOPPED = "soups.stopped"  # why training stopped early (a pruned sweep trial)
 STUDY = "soups.study"  # the Optuna study of a sweep and its trials
 TRIAL = "optuna_trial"
@@ -30,6 +31,10 @@ RANK_METRIC = "val_accuracy"
 SOUP_STEP_METRIC = "soup_val_accuracy"  # the chosen method's curve: greedy, step k = after k candidates
 CHAMPION = "champion"
 CHAMPION_WHY = "soups.champion_because"  # on a model version: why the alias moved to it
+PROMOTION = (
+    "soups.promotion"  # on a model version: PENDING until compared with the champion, then the outcome
+)
+PENDING = "pending"
 NOTE = "mlflow.note.content"  # a run's, a model version's or an experiment's Markdown description
 EXPERIMENT_KIND = "mlflow.experimentKind"  # the UI opens an experiment in its model-training view
 MAX_NOTE_LENGTH = 8000  # MLflow keeps tag values up to this many characters

@@ -3,14 +3,23 @@
 
 from __future__ import annotations
 
+import base64
 import importlib.metadata
+import io
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema
 from packaging.version import Version
+from PIL import Image
 
 from soups import SoupsError
 from soups.tracking.names import (
@@ -20,6 +29,8 @@ from soups.tracking.names import (
     MAX_NOTE_LENGTH,
     METHOD,
     MODEL_NAME,
+    PENDING,
+    PROMOTION,
     RANK_METRIC,
     SOUP_RUN,
     SPLIT,
@@ -27,6 +38,12 @@ from soups.tracking.names import (
     START_RUN,
     TEST_METRIC,
 )
+from soups.tracking.server import quote, shown
+
+log = logging.getLogger(__name__)
+# A version left pending this long (its soup step died between registering and deciding) no longer
+# holds up later promotions; deciding takes one scoring of the champion on val.
+DECIDE_STALE_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -79,9 +96,7 @@ def champion(name: str):
         )
         if missing:
             return None
-        raise SoupsError(
-            f"could not read {name}@{CHAMPION} on {mlflow.get_tracking_uri()}: {str(e).splitlines()[0]}"
-        ) from None
+        raise SoupsError(f"could not read {name}@{CHAMPION} on {shown()}: {str(e).splitlines()[0]}") from None
 
 
 # What the served model imports (soups' own code travels with it as code), pinned to the versions
@@ -96,6 +111,23 @@ def served_requirements() -> list[str]:
     return [f"{p}=={Version(importlib.metadata.version(p)).public}" for p in SERVED_PACKAGES]
 
 
+# What the served soup takes and answers, as MLflow's own flavours declare it: the model page shows
+# it, and the scoring server refuses a request without the `image` column before the model runs.
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "image")]),
+    outputs=Schema(
+        [ColSpec("long", "label"), ColSpec("string", "class_name"), ColSpec("double", "probability")]
+    ),
+)
+
+
+def input_example() -> pd.DataFrame:
+    """One request the served soup answers: a grey 32 x 32 PNG, base64-encoded."""
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (128, 128, 128)).save(buf, "PNG")
+    return pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode()]})
+
+
 def register(
     checkpoint: Path,
     name: str,
@@ -103,52 +135,78 @@ def register(
     split: str,
     lineage: Lineage | None = None,
     note: str = "",
-    rival: Rival | None = None,
+    judge: Callable[[], Rival | None] | None = None,
 ) -> tuple[int, str]:
     """Log the soup as an MLflow model serving images (in the active run), register it as a
     version of `name` with its lineage and description, and move alias `champion` to it when it
-    beats `rival` (the champion, scored on the same images) on val. Returns the version and what
-    happened to the alias."""
+    beats the champion on val as `judge` scores it on the same images, when its turn comes (see
+    `promote`; no judge: the champion stays). Returns the version and what happened to the alias."""
     info = mlflow.pyfunc.log_model(
         name=MODEL_NAME,
         python_model=str(Path(__file__).parent / "served_model.py"),
         artifacts={"checkpoint": str(checkpoint)},
         code_paths=[str(Path(__file__).parents[1])],
         pip_requirements=served_requirements(),
-        registered_model_name=name,
+        signature=SIGNATURE,
+        input_example=input_example(),
     )
-    version = int(info.registered_model_version)
+    # Registered with its lineage and a pending promotion in the one call that creates the version
+    # (the server numbers versions atomically): a concurrent soup step sees it pending at once.
+    tags = {k: v[:MAX_NOTE_LENGTH] for k, v in (lineage.tags() if lineage else {}).items()}
+    version = int(mlflow.register_model(info.model_uri, name, tags={**tags, PROMOTION: PENDING}).version)
     client = MlflowClient()
     if note:
         client.update_model_version(name, str(version), description=note[:MAX_NOTE_LENGTH])
-    for key, value in (lineage.tags() if lineage else {}).items():
-        client.set_model_version_tag(name, str(version), key, value[:MAX_NOTE_LENGTH])
     if not client.get_registered_model(name).description:
         client.update_registered_model(
             name,
             description=f"Model soups made by soups; `models:/{name}@{CHAMPION}` is the best on val.",
         )
-    return version, promote(name, version, val_accuracy, split, rival)
+    return version, promote(name, version, val_accuracy, split, judge or (lambda: unscored(name)))
 
 
-def promote(name: str, version: int, val_accuracy: float, split: str, rival: Rival | None) -> str:
+def unscored(name: str) -> Rival | None:
+    """The champion as a rival nobody scored on this soup's images (None: there is none)."""
+    current = champion(name)
+    if current is None:
+        return None
+    return Rival(
+        str(current.version), None, f"version {current.version} was not scored on this soup's images"
+    )
+
+
+def promote(
+    name: str, version: int, val_accuracy: float, split: str, judge: Callable[[], Rival | None]
+) -> str:
     """Move alias `champion` of `name` to `version` when there is none, or when it beats the
-    champion's val accuracy measured on the same images (a tie keeps the champion). The alias is
-    read again just before it moves: a champion that changed since the soup step scored it (another
-    soup step finished meanwhile) is never overwritten without a comparison."""
+    champion's val accuracy measured on the same images (a tie keeps the champion). MLflow has no
+    compare-and-set, so promotions take turns in version order: this one waits until every
+    earlier version still pending has been decided (or was left pending longer than
+    DECIDE_STALE_S: its step died), then `judge` reads the champion and scores it on this soup's
+    images, and the alias moves or stays. Two soups finishing together are thus compared with
+    each other, never both with the old champion."""
     client = MlflowClient()
+    outcome = "not decided: the step stopped while waiting its turn"
+    try:
+        wait_for_turn(client, name, version)
+        outcome = decide(client, name, version, val_accuracy, split, judge())
+        return outcome
+    except SoupsError as e:
+        outcome = f"not decided: {e}"
+        raise
+    finally:
+        client.set_model_version_tag(name, str(version), PROMOTION, outcome[:MAX_NOTE_LENGTH])
 
+
+def decide(client, name: str, version: int, val_accuracy: float, split: str, rival: Rival | None) -> str:
     def move(why: str) -> str:
         client.set_registered_model_alias(name, CHAMPION, str(version))
         client.set_model_version_tag(name, str(version), CHAMPION_WHY, why)
         return why
 
-    current = champion(name)
-    if current is None:  # none, or the alias was removed since the soup step looked
+    if rival is None:
         why = move(f"the first {CHAMPION} (val {val_accuracy:.4f} on split {split})")
         return f"{name} version {version} is {why}"
-    if rival is None or str(current.version) != str(rival.version):
-        return f"{name}@{CHAMPION} stays version {current.version}: it became champion while this soup cooked"
     if rival.val_accuracy is None:
         return (
             f"{name}@{CHAMPION} stays version {rival.version}: {rival.why} (move it by hand if you mean to)"
@@ -163,6 +221,28 @@ def promote(name: str, version: int, val_accuracy: float, split: str, rival: Riv
         f"{name}@{CHAMPION} stays version {rival.version}: val {rival.val_accuracy:.4f} >= this soup's "
         f"{val_accuracy:.4f} on the same images"
     )
+
+
+def wait_for_turn(client: MlflowClient, name: str, version: int, poll_s: float = 0.5) -> None:
+    """Until no earlier version of `name` is pending (younger than DECIDE_STALE_S by the server's
+    clock: creation times are the server's, and this version's own anchors the comparison)."""
+    mine = client.get_model_version(name, str(version))
+    anchor, said = time.monotonic(), False
+    while True:
+        now = mine.creation_timestamp / 1000 + time.monotonic() - anchor
+        ahead = [
+            v.version
+            for v in client.search_model_versions(f"name = {quote(name)}")
+            if int(v.version) < version
+            and v.tags.get(PROMOTION) == PENDING
+            and now - v.creation_timestamp / 1000 < DECIDE_STALE_S
+        ]
+        if not ahead:
+            return
+        if not said:
+            log.info("version %d of %s waits for version(s) %s to be compared first", version, name, ahead)
+            said = True
+        time.sleep(poll_s)
 
 
 def model_version(uri: str):
@@ -181,6 +261,4 @@ def model_version(uri: str):
             for m in client.search_registered_models(max_results=20)
         ]
         listing = "; ".join(known) if known else "none"
-        raise SoupsError(
-            f"{uri} does not resolve on {mlflow.get_tracking_uri()}; registered models: {listing}"
-        ) from None
+        raise SoupsError(f"{uri} does not resolve on {shown()}; registered models: {listing}") from None

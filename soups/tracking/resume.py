@@ -13,7 +13,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from soups import SoupsError
-from soups.tracking.lifecycle import run_link
+from soups.tracking.lifecycle import run_link, signs_of_life
 from soups.tracking.names import NOTE, RESUMED, ROLE, STATE_EPOCH, STOPPED, TRAINING_STATE
 from soups.tracking.runs import Run
 from soups.tracking.search import get_run
@@ -33,8 +33,9 @@ def keep_training_state(run: Run, state: dict, epoch: int) -> None:
             run.client.set_tag(run.id, STATE_EPOCH, str(epoch))
 
 
-def resumable(run_id: str):
-    """The run to continue, or a one-line reason it cannot be."""
+def resumable(run_id: str, reopened: bool = False):
+    """The run to continue, or a one-line reason it cannot be (`reopened`: this process reopened
+    it already, so its own heartbeat is no other process's sign of life)."""
     run = get_run(run_id)
     role, status = run.data.tags.get(ROLE), run.info.status
     if role not in RESUMABLE:
@@ -43,6 +44,11 @@ def resumable(run_id: str):
         )
     if status == "FINISHED":
         raise SoupsError(f"resume={run_id}: the run FINISHED; nothing is left to train")
+    if not reopened and (alive := signs_of_life(run)):  # two processes would train and upload into one run
+        raise SoupsError(
+            f"resume={run_id}: the run is RUNNING and its process said it was alive {alive[0]:.0f} s "
+            f"ago; if that process is gone, resume again in {alive[1]:.0f} s"
+        )
     if STATE_EPOCH not in run.data.tags:
         raise SoupsError(
             f"resume={run_id}: the run kept no training state (fine-tune with -P save_every=K to keep one)"
@@ -52,7 +58,7 @@ def resumable(run_id: str):
 
 def training_state(run_id: str) -> dict:
     """The run's latest training state (weights, optimizer, schedule, random state, best epoch)."""
-    run = resumable(run_id)
+    run = resumable(run_id, reopened=True)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = MlflowClient().download_artifacts(run.info.run_id, TRAINING_STATE, tmp)

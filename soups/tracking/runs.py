@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,10 +267,10 @@ class Run:
         split: str,
         lineage: registry.Lineage | None = None,
         note: str = "",
-        rival: registry.Rival | None = None,
+        judge: Callable[[], registry.Rival | None] | None = None,
     ) -> tuple[int, str]:
         """`registry.register`, from this run (the active one)."""
-        return registry.register(checkpoint, name, val_accuracy, split, lineage, note, rival)
+        return registry.register(checkpoint, name, val_accuracy, split, lineage, note, judge)
 
 
 def log_scores(run_id: str, split: str, scores: dict[str, float]) -> None:

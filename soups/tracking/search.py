@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shlex
 
-import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -23,7 +22,7 @@ from soups.tracking.names import (
     TEST_METRIC,
 )
 from soups.tracking.registry import model_version
-from soups.tracking.server import checked_run_id, configure, quote
+from soups.tracking.server import checked_run_id, configure, quote, shown
 
 
 def ingredient_filter(extra: str | None = None) -> str:
@@ -38,7 +37,7 @@ def find_experiment(name: str) -> str:
     configure()
     exp = MlflowClient().get_experiment_by_name(name)
     if exp is None:
-        raise SoupsError(f"experiment {name!r} not found on {mlflow.get_tracking_uri()}")
+        raise SoupsError(f"experiment {name!r} not found on {shown()}")
     return exp.experiment_id
 
 
@@ -141,9 +140,7 @@ def get_run(run_id: str):
     try:
         return MlflowClient().get_run(run_id)
     except MlflowException as e:
-        raise SoupsError(
-            f"run {run_id} not found on {mlflow.get_tracking_uri()}: {str(e).splitlines()[0]}"
-        ) from None
+        raise SoupsError(f"run {run_id} not found on {shown()}: {str(e).splitlines()[0]}") from None
 
 
 def has_score(run, split: str) -> bool:

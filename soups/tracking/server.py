@@ -7,6 +7,9 @@ import fcntl
 import functools
 import os
 import re
+import socket
+import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,10 +43,42 @@ def configure() -> str:
     return uri
 
 
+def shown(uri: str | None = None) -> str:
+    """The tracking URI (the current one by default) as messages show it: never its password."""
+    return without_password(uri or mlflow.get_tracking_uri())
+
+
+# How long a step waits for a server that refuses connections before it says so: long enough for
+# a server being restarted, far shorter than MLflow's own retries (7 with exponential backoff,
+# 260 s measured) that suit a server answering slowly or rate-limiting.
+CONNECT_WAIT_S = 15.0
+
+
+def refused(uri: str, wait_s: float = CONNECT_WAIT_S) -> str | None:
+    """Why nothing accepts TCP connections at the server's host and port after trying for
+    `wait_s` seconds, or None as soon as something does (slow to answer or not: MLflow's retries
+    handle that)."""
+    parts = urllib.parse.urlsplit(uri)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with socket.create_connection((parts.hostname, port), timeout=min(5.0, wait_s)):
+                return None
+        except OSError as e:
+            if time.monotonic() + 1 >= deadline:
+                return e.strerror or str(e)
+            time.sleep(1)
+
+
 @functools.cache
 def check_access(uri: str) -> None:
     """One request to the server (once per process): a refused login or an unreachable server is
     a one-line error here, not a traceback in the middle of a step."""
+    if why := refused(uri):
+        raise Unreachable(
+            f"tracking server {shown(uri)} unreachable after {CONNECT_WAIT_S:.0f} s: is it running? ({why})"
+        )
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except MlflowException as e:
@@ -51,12 +86,12 @@ def check_access(uri: str) -> None:
             who = os.environ.get("MLFLOW_TRACKING_USERNAME")
             hint = f"user {who!r} was refused" if who else "no credentials given"
             raise SoupsError(
-                f"tracking server {uri} refused access ({hint}): set MLFLOW_TRACKING_USERNAME and "
+                f"tracking server {shown(uri)} refused access ({hint}): set MLFLOW_TRACKING_USERNAME and "
                 "MLFLOW_TRACKING_PASSWORD"
             ) from None
         if is_unreachable(e):
             raise Unreachable(
-                f"tracking server {uri} unreachable: is it running? ({str(e).splitlines()[0][-120:]})"
+                f"tracking server {shown(uri)} unreachable: is it running? ({str(e).splitlines()[0][-120:]})"
             ) from None
         raise
 
@@ -89,7 +124,7 @@ def raising_unreachable() -> Iterator[None]:
         yield
     except Exception as e:
         if is_unreachable(e):
-            raise Unreachable(f"tracking server {mlflow.get_tracking_uri()} unreachable") from e
+            raise Unreachable(f"tracking server {shown()} unreachable") from e
         raise
 
 
