@@ -70,7 +70,7 @@ bench: venv data
 	$(BIN)/python -m bench.run_all $(BENCH)
 
 # The soup-quality comparison alone: 3 split seeds x 4 members, shared start and independent, every
-# method and the ensemble on the full test set (about 20 minutes here from an empty member cache).
+# method and the ensemble on the full test set (27 minutes here from an empty member cache).
 bench-quality: venv data
 	$(BIN)/python -m bench.run_all soup_quality
 

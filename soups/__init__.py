@@ -17,5 +17,7 @@ def one_line(error: BaseException) -> str:
     message is that traceback's last line, after the exception's name."""
     lines = str(error).strip().splitlines()
     if len(lines) > 1 and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
-        lines = [lines[-1].partition(": ")[2]]
+        own = f"{type(error).__module__}.{type(error).__qualname__}: "
+        start = max((j for j, line in enumerate(lines) if line.startswith(own)), default=len(lines) - 1)
+        lines = [lines[start].removeprefix(own), *lines[start + 1 :]]
     return " ".join(" ".join(lines).split())

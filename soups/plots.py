@@ -19,7 +19,10 @@ def soup_curve(result, x_label: str, ingredient_val: list[float | None], uniform
         ax.step(xs, ys, where="post", color="C0", marker=".", label="soup")
     else:
         ax.axhline(result.accuracy, color="C0", label="soup")
-    by_rank = "candidates" in x_label
+    # A method that chooses on part of val (greedy's split rule, learned) has its curve on those
+    # images: the ingredients' own val (all of val) and the uniform soup's would not compare.
+    part = getattr(result, "scored_on", None) is not None
+    by_rank = "candidates" in x_label and not part
     for s, own in zip(result.steps, ingredient_val, strict=True):
         if own is not None and by_rank:
             ax.scatter(
@@ -28,11 +31,13 @@ def soup_curve(result, x_label: str, ingredient_val: list[float | None], uniform
     if by_rank:
         ax.scatter([], [], marker="o", color="C2", label="ingredient kept")
         ax.scatter([], [], marker="x", color="C3", label="ingredient not kept / skipped")
+    elif part:
+        ax.axhline(result.best_accuracy, color="C2", linestyle=":", label="top-ranked run, same images")
     else:
         best = max((v for v in ingredient_val if v is not None), default=None)
         if best is not None:
             ax.axhline(best, color="C2", linestyle=":", label="best ingredient")
-    if uniform_val is not None:
+    if uniform_val is not None and not part:
         ax.axhline(uniform_val, color="C1", linestyle="--", label="uniform soup")
     ax.set(xlabel=x_label, ylabel="val accuracy", title="Soup")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))

@@ -58,7 +58,7 @@ class Predictor:
             {
                 "label": label.numpy(),
                 "class_name": [self.ckpt.classes[j] for j in label],
-                "probability": p.numpy(),
+                "probability": p.double().numpy(),  # the signature's double
             }
         )
 

@@ -127,6 +127,13 @@ def make_soup(
     opts.methods()  # every compared name is a method: fail before any work
     params = chosen.resolve(opts.method_params)
     checked(opts)
+    for name in filter(None, (registered_model, recipe.registered_model)):  # searched for when promoted
+        try:
+            tracking.quote(name)
+        except SoupsError:
+            raise SoupsError(
+                f"registered_model={name!r}: quotes, backslashes and control characters are refused"
+            ) from None
     split = data.load_splits(recipe).fingerprint  # a wrong data folder fails before any run exists
     with tracking.start_step("soup", recipe, f"{opts.method} soup") as run:
         g = gather(run, recipe, given, opts, split)

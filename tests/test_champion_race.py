@@ -34,8 +34,9 @@ WORKER = textwrap.dedent(
     model = client.create_model_version(name, f"{run.artifact_uri}/model", run.run_id, tags=tags)
     version = int(model.version)
 
-    def judge():
+    def judge():  # a soup step scores the champion for a while: the window a race would use
         champ = tracking.champion(name)
+        time.sleep(0.3)
         return champ and tracking.Rival(str(champ.version), float(champ.tags[tracking.RANK_METRIC]), "")
 
     print(tracking.promote(name, version, val, "s", judge))

@@ -237,11 +237,11 @@ def test_an_image_unreadable_in_a_loader_process_is_one_line_naming_it():
 
         def __getitem__(self, j):
             if j == 2:
-                raise SoupsError("cannot read image /data/cat/7.png: truncated")
+                raise SoupsError("cannot read image /data/cat/7.png: truncated\n  at byte 200")
             return j
 
     with pytest.raises(SoupsError) as caught:
         list(torch.utils.data.DataLoader(Broken(), batch_size=2, num_workers=2))
     assert "Traceback" in str(caught.value)
-    assert one_line(caught.value) == "cannot read image /data/cat/7.png: truncated"
+    assert one_line(caught.value) == "cannot read image /data/cat/7.png: truncated at byte 200"
     assert one_line(SoupsError("two\n  lines")) == "two lines"

@@ -34,7 +34,7 @@ def world(tmp_path_factory):
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
         "PYTHONPATH": str(ROOT),
-        "SOUPS_HEARTBEAT_S": "1",  # a killed run counts as gone after 3 s, not 90
+        "SOUPS_HEARTBEAT_S": "2",  # a killed run counts as gone after 6 s, not 90
     }
     env.pop("MLFLOW_RUN_ID", None)
     return {"work": work, "recipe": recipe, "env": env}
@@ -185,7 +185,7 @@ def test_a_fine_tune_killed_after_epoch_1_resumes_in_place_to_the_same_checkpoin
     killed = client(world).get_run(rid)
     assert killed.info.status == "RUNNING" and killed.data.tags["soups.state_epoch"] == "1"
     assert "soups.sha256" not in killed.data.tags
-    time.sleep(3.5)  # three of its 1 s heartbeats missed: its process is gone
+    time.sleep(6.5)  # three of its 2 s heartbeats missed: its process is gone
     assert finetune(world, "--resume", rid) == rid
     resumed, one = client(world).get_run(rid), client(world).get_run(single)
     assert resumed.info.status == "FINISHED"

@@ -397,3 +397,22 @@ def test_batchnorm_is_recomputed_on_shuffled_training_images(tmp_path):
         labels = bn.labels.tolist()
         assert len(labels) == (images or len(splits.train))
         assert all(len(set(labels[k : k + 8])) > 1 for k in range(0, len(labels) - 8, 8)), labels
+
+
+def test_a_curve_on_half_of_val_is_drawn_against_the_baseline_on_the_same_images():
+    """The split rule's curve is on half B: the ingredients' own val and the uniform soup's (all of
+    val) are not drawn beside it, the top-ranked run on half B is."""
+    from soups.plots import soup_curve
+    from soups.soup.greedy import split_prefix_soup
+
+    table = split_table(200, {frozenset({0}): (50, 80), frozenset({1}): (90, 60), frozenset({0, 1}): (0, 70)})
+    result = split_prefix_soup(cands([0, 1]), ImageScorer(table))
+    labels = (
+        soup_curve(result, "ingredients in the soup", [0.9, 0.8], 0.85).axes[0].get_legend_handles_labels()[1]
+    )
+    assert labels == ["soup", "top-ranked run, same images"]
+    result.scored_on = None  # the same curve on all of val: ingredients and the uniform soup beside it
+    labels = (
+        soup_curve(result, "candidates considered", [0.9, 0.8], 0.85).axes[0].get_legend_handles_labels()[1]
+    )
+    assert labels == ["soup", "ingredient kept", "ingredient not kept / skipped", "uniform soup"]

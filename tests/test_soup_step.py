@@ -120,3 +120,26 @@ def test_promotions_take_turns_in_version_order_and_judge_the_champion_of_their_
     # the alias removed meanwhile: the next soup is the first champion again
     client.delete_registered_model_alias("m", tracking.CHAMPION)
     assert "is the first champion" in tracking.promote("m", 4, 0.1, "s", judge)
+
+
+def test_a_pending_version_whose_step_died_holds_up_one_wait_only(tracking_uri, tmp_path, monkeypatch):
+    """A version left pending (its step died between registering and deciding) stops beating:
+    after DECIDE_STALE_S on the waiter's own clock it is tagged abandoned, and nobody waits again."""
+    from soups.tracking import registry
+
+    monkeypatch.setattr(registry, "DECIDE_STALE_S", 1.0)
+    client = mlflow.MlflowClient()
+    client.create_registered_model("d")
+    for _ in range(3):
+        client.create_model_version("d", source=str(tmp_path), tags={tracking.PROMOTION: tracking.PENDING})
+    assert "first champion" in tracking.promote("d", 2, 0.5, "s", lambda: None)
+    dead = client.get_model_version("d", "1").tags[tracking.PROMOTION]
+    assert dead.startswith("not decided: abandoned (its promotion beat stopped")
+    assert client.get_model_version("d", "2").tags[tracking.PROMOTION_BEAT] == "0", "it beat while it decided"
+
+    def broken():
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        tracking.promote("d", 3, 0.9, "s", broken)
+    assert client.get_model_version("d", "3").tags[tracking.PROMOTION] == "not decided: OSError: disk full"

@@ -11,8 +11,8 @@ above it), and the best member's val accuracy is inflated by having been chosen 
 on the same 1,000 images, so every soup compared with it there looks worse than it is. A prefix
 rule fixes the first only (+0.07, kept 1, 1, 4); ranking on half A and choosing on half B fixes
 both (bench/soup_quality.py; docs/BENCHMARKS.md has the rows). On independently trained members
-(no shared start) every rule loses to the best member and `split` loses most (-0.66 against -0.39
-for `each`): averaging needs a shared start whatever the rule."""
+(no shared start) every rule loses to the best member (`split` -0.29 with its fallback to the
+top-ranked run, `each` -0.39): averaging needs a shared start whatever the rule."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ ACCEPT_RULES = {
 SPLIT_SEED = 0
 TIE_RULES = {
     "ge": "accept=each: keep an ingredient when the soup's score is not worse (the paper's rule)",
-    "strict": "keep an ingredient only when the soup's score improves",
+    "strict": "accept=each: keep an ingredient only when the soup's score improves",
 }
 
 

@@ -46,7 +46,7 @@ def signs_of_life(run) -> tuple[float, float] | None:
     if run.info.status != "RUNNING" or beat is None:
         return None
     every = float(run.data.tags.get(HEARTBEAT_EVERY, HEARTBEAT_S))
-    age = time.time() - float(beat)
+    age = max(0.0, time.time() - float(beat))  # wall clocks of two machines: assumed in sync (NTP)
     return (age, LIVE_BEATS * every - age) if age < LIVE_BEATS * every else None
 
 

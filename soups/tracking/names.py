@@ -35,6 +35,7 @@ PROMOTION = (
     "soups.promotion"  # on a model version: PENDING until compared with the champion, then the outcome
 )
 PENDING = "pending"
+PROMOTION_BEAT = "soups.promotion_beat"  # a counter a pending version's step bumps while it waits and decides
 NOTE = "mlflow.note.content"  # a run's, a model version's or an experiment's Markdown description
 EXPERIMENT_KIND = "mlflow.experimentKind"  # the UI opens an experiment in its model-training view
 MAX_NOTE_LENGTH = 8000  # MLflow keeps tag values up to this many characters

@@ -7,6 +7,7 @@ import base64
 import importlib.metadata
 import io
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from soups.tracking.names import (
     MODEL_NAME,
     PENDING,
     PROMOTION,
+    PROMOTION_BEAT,
     RANK_METRIC,
     SOUP_RUN,
     SPLIT,
@@ -41,9 +43,10 @@ from soups.tracking.names import (
 from soups.tracking.server import quote, shown
 
 log = logging.getLogger(__name__)
-# A version left pending this long (its soup step died between registering and deciding) no longer
-# holds up later promotions; deciding takes one scoring of the champion on val.
-DECIDE_STALE_S = 300.0
+# A pending version bumps its promotion beat every BEAT_S while it waits its turn and scores the
+# champion (however long that takes); one whose beat stands still for DECIDE_STALE_S lost its step.
+BEAT_S = 10.0
+DECIDE_STALE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,8 @@ def register(
     # (the server numbers versions atomically): a concurrent soup step sees it pending at once.
     tags = {k: v[:MAX_NOTE_LENGTH] for k, v in (lineage.tags() if lineage else {}).items()}
     version = int(mlflow.register_model(info.model_uri, name, tags={**tags, PROMOTION: PENDING}).version)
-    client = MlflowClient()
+    outcome = promote(name, version, val_accuracy, split, judge or (lambda: unscored(name)))
+    client = MlflowClient()  # descriptions after the promotion: nothing may hold a version pending
     if note:
         client.update_model_version(name, str(version), description=note[:MAX_NOTE_LENGTH])
     if not client.get_registered_model(name).description:
@@ -162,7 +166,7 @@ def register(
             name,
             description=f"Model soups made by soups; `models:/{name}@{CHAMPION}` is the best on val.",
         )
-    return version, promote(name, version, val_accuracy, split, judge or (lambda: unscored(name)))
+    return version, outcome
 
 
 def unscored(name: str) -> Rival | None:
@@ -187,21 +191,50 @@ def promote(
     each other, never both with the old champion."""
     client = MlflowClient()
     outcome = "not decided: the step stopped while waiting its turn"
+    stop = threading.Event()
+    beating = threading.Thread(target=beat, args=(client, name, version, stop), daemon=True)
+    beating.start()
     try:
         wait_for_turn(client, name, version)
         outcome = decide(client, name, version, val_accuracy, split, judge())
         return outcome
-    except SoupsError as e:
-        outcome = f"not decided: {e}"
+    except BaseException as e:
+        said = str(e).strip().splitlines()
+        outcome = f"not decided: {said[0] if said and isinstance(e, SoupsError) else type(e).__name__}"
+        if said and not isinstance(e, SoupsError):
+            outcome += f": {said[0]}"
         raise
     finally:
-        client.set_model_version_tag(name, str(version), PROMOTION, outcome[:MAX_NOTE_LENGTH])
+        stop.set()
+        try:
+            client.set_model_version_tag(name, str(version), PROMOTION, outcome[:MAX_NOTE_LENGTH])
+        except Exception as e:  # the server went away: do not hide the error that ended the step
+            log.warning("version %d of %s: promotion outcome not tagged: %s", version, name, str(e)[:200])
+
+
+def beat(client: MlflowClient, name: str, version: int, stop: threading.Event) -> None:
+    """Bump the version's PROMOTION_BEAT every BEAT_S while it waits and decides: a waiting
+    version tells a slow turn from a dead one by whether this changes, on its own clock."""
+    count = 0
+    while True:
+        try:
+            client.set_model_version_tag(name, str(version), PROMOTION_BEAT, str(count))
+        except Exception as e:  # a lost beat only risks being skipped as dead after DECIDE_STALE_S
+            log.debug("promotion beat of version %d of %s not written: %s", version, name, e)
+        count += 1
+        if stop.wait(BEAT_S):
+            return
 
 
 def decide(client, name: str, version: int, val_accuracy: float, split: str, rival: Rival | None) -> str:
     def move(why: str) -> str:
         client.set_registered_model_alias(name, CHAMPION, str(version))
-        client.set_model_version_tag(name, str(version), CHAMPION_WHY, why)
+        try:
+            client.set_model_version_tag(name, str(version), CHAMPION_WHY, why)
+        except MlflowException as e:  # the alias moved: the outcome must say so, tag or not
+            log.warning(
+                "version %d of %s is champion; its %s tag not written: %s", version, name, CHAMPION_WHY, e
+            )
         return why
 
     if rival is None:
@@ -224,19 +257,26 @@ def decide(client, name: str, version: int, val_accuracy: float, split: str, riv
 
 
 def wait_for_turn(client: MlflowClient, name: str, version: int, poll_s: float = 0.5) -> None:
-    """Until no earlier version of `name` is pending (younger than DECIDE_STALE_S by the server's
-    clock: creation times are the server's, and this version's own anchors the comparison)."""
-    mine = client.get_model_version(name, str(version))
-    anchor, said = time.monotonic(), False
+    """Until no earlier version of `name` is pending. A pending version whose beat has not changed
+    for DECIDE_STALE_S, timed on this process's own clock (no two machines' clocks compared), lost
+    its step: it is tagged abandoned, and no later promotion waits for it again."""
+    seen: dict[int, tuple[str, float]] = {}  # version -> (its beat, when that last changed here)
+    said = False
     while True:
-        now = mine.creation_timestamp / 1000 + time.monotonic() - anchor
-        ahead = [
-            v.version
-            for v in client.search_model_versions(f"name = {quote(name)}")
-            if int(v.version) < version
-            and v.tags.get(PROMOTION) == PENDING
-            and now - v.creation_timestamp / 1000 < DECIDE_STALE_S
-        ]
+        now, ahead = time.monotonic(), []
+        for v in client.search_model_versions(f"name = {quote(name)}"):
+            n = int(v.version)
+            if n >= version or v.tags.get(PROMOTION) != PENDING:
+                continue
+            beat_now = v.tags.get(PROMOTION_BEAT, "")
+            if n not in seen or seen[n][0] != beat_now:
+                seen[n] = (beat_now, now)
+            if now - seen[n][1] > DECIDE_STALE_S:
+                gone = f"not decided: abandoned (its promotion beat stopped for {DECIDE_STALE_S:.0f} s)"
+                client.set_model_version_tag(name, str(n), PROMOTION, gone)
+                log.info("version %d of %s: %s", n, name, gone)
+                continue
+            ahead.append(n)
         if not ahead:
             return
         if not said:

@@ -13,8 +13,9 @@ from soups.predict import Predictor
 
 
 class SoupModel(mlflow.pyfunc.PythonModel):
-    """A DataFrame column `image` of base64 image bytes (or an N x H x W x 3 uint8 array) in;
-    label, class_name and probability per image out."""
+    """A DataFrame column `image` of base64 image bytes in (the logged signature); label,
+    class_name and probability per image out. `soups.predict.Predictor` also takes uint8 arrays
+    in Python; through MLflow the signature admits the column only."""
 
     def load_context(self, context):
         self.predictor = Predictor(load_checkpoint(Path(context.artifacts["checkpoint"])))

@@ -10,6 +10,7 @@ import re
 import socket
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +61,9 @@ def refused(uri: str, wait_s: float = CONNECT_WAIT_S) -> str | None:
     handle that)."""
     parts = urllib.parse.urlsplit(uri)
     port = parts.port or (443 if parts.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        return None  # reached through a proxy: only MLflow's own requests can tell
     deadline = time.monotonic() + wait_s
     while True:
         try:
