@@ -125,9 +125,9 @@ def test_promotions_take_turns_in_version_order_and_judge_the_champion_of_their_
 def test_a_pending_version_whose_step_died_holds_up_one_wait_only(tracking_uri, tmp_path, monkeypatch):
     """A version left pending (its step died between registering and deciding) stops beating:
     after DECIDE_STALE_S on the waiter's own clock it is tagged abandoned, and nobody waits again."""
-    from soups.tracking import registry
+    from soups.tracking import promotion
 
-    monkeypatch.setattr(registry, "DECIDE_STALE_S", 1.0)
+    monkeypatch.setattr(promotion, "DECIDE_STALE_S", 1.0)
     client = mlflow.MlflowClient()
     client.create_registered_model("d")
     for _ in range(3):

@@ -10,7 +10,8 @@ steps share (params, metrics, tags, artifact paths). Nothing else in soups impor
 - `sweeps`: a sweep's parent run, its setup, best trial and plots
 - `resume`: a run's training state kept and the run reopened in place
 - `start_claims`: `start: auto` as find or make, one start however many processes arrive at once
-- `registry`: registering a soup with its lineage and the `champion` alias
+- `registry`: registering a soup with its lineage, its signature and requirements
+- `promotion`: the `champion` alias read, and promotions that take turns
 - `served_model`: the soup as `mlflow models serve` runs it
 """
 
@@ -34,14 +35,8 @@ from soups.tracking.lifecycle import (  # noqa: F401
     take_project_run,
 )
 from soups.tracking.names import *  # noqa: F403  (every name, as tracking.NAME)
-from soups.tracking.registry import (  # noqa: F401
-    Lineage,
-    Rival,
-    champion,
-    model_version,
-    promote,
-    register,
-)
+from soups.tracking.promotion import Rival, champion, promote  # noqa: F401
+from soups.tracking.registry import Lineage, model_version, register  # noqa: F401
 from soups.tracking.resume import keep_training_state, resumable, training_state  # noqa: F401
 from soups.tracking.runs import (  # noqa: F401
     DataPart,

@@ -16,7 +16,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from soups.tracking import registry
+from soups.tracking import promotion, registry
 from soups.tracking.names import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
@@ -267,7 +267,7 @@ class Run:
         split: str,
         lineage: registry.Lineage | None = None,
         note: str = "",
-        judge: Callable[[], registry.Rival | None] | None = None,
+        judge: Callable[[], promotion.Rival | None] | None = None,
     ) -> tuple[int, str]:
         """`registry.register`, from this run (the active one)."""
         return registry.register(checkpoint, name, val_accuracy, split, lineage, note, judge)
