@@ -77,6 +77,10 @@ def joined(world: World) -> Iterator[World]:
         yield world
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        # Before the first collective: NCCL's object broadcasts (the start's digest, a resumed
+        # state) run on the current device, and every rank would otherwise use cuda:0.
+        torch.cuda.set_device(world.local_rank)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         dist.init_process_group(backend, rank=world.rank, world_size=world.size, timeout=TIMEOUT)

@@ -220,7 +220,14 @@ def train_epoch(loop: Loop, epoch: int, cfg: TrainConfig, mean, std) -> tuple[fl
     device = loop.device
     train_mode(loop.model)
     seen, loss_sum, start = 0, 0.0, time.perf_counter()
-    bar = tqdm(loop.loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, mininterval=1.0)
+    bar = tqdm(
+        loop.loader,
+        desc=f"epoch {epoch}/{cfg.epochs}",
+        unit="batch",
+        leave=False,
+        mininterval=1.0,
+        disable=not loop.world.is_main,  # one bar, however many processes
+    )
     for step, (images, labels) in enumerate(bar):
         x = model_input(images.to(device, non_blocking=True), mean, std)
         if device.type == "cuda":
