@@ -14,7 +14,7 @@ class Stopped(Exception):
 def one_line(error: BaseException) -> str:
     """The error's message on one line. A SoupsError raised in a DataLoader worker process (an
     unreadable image decoded there) arrives wrapped in the worker's whole traceback; its own
-    message is that traceback's last line, after the exception's name."""
+    message is that traceback from the line that starts with the exception's name to its end."""
     lines = str(error).strip().splitlines()
     if len(lines) > 1 and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
         own = f"{type(error).__module__}.{type(error).__qualname__}: "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,8 +21,11 @@ from soups.tracking.server import quote, shown
 log = logging.getLogger(__name__)
 # A pending version bumps its promotion beat every BEAT_S while it waits its turn and scores the
 # champion (however long that takes); one whose beat stands still for DECIDE_STALE_S lost its step.
+# The stale limit is above MLflow's own retries of one request (260 s measured): a beat held up by a
+# struggling server is not taken for a dead step.
 BEAT_S = 10.0
-DECIDE_STALE_S = 60.0
+DECIDE_STALE_S = 300.0
+ABANDONED = "not decided: abandoned"
 
 
 @dataclass(frozen=True)
@@ -67,40 +71,51 @@ def promote(
     """Move alias `champion` of `name` to `version` when there is none, or when it beats the
     champion's val accuracy measured on the same images (a tie keeps the champion). MLflow has no
     compare-and-set, so promotions take turns in version order: this one waits until every
-    earlier version still pending has been decided (or was left pending longer than
-    DECIDE_STALE_S: its step died), then `judge` reads the champion and scores it on this soup's
-    images, and the alias moves or stays. Two soups finishing together are thus compared with
-    each other, never both with the old champion."""
+    earlier version still pending has been decided (or its beat stood still for DECIDE_STALE_S:
+    its step died), then `judge` reads the champion and scores it on this soup's images, and the
+    alias moves or stays. Two soups finishing together are thus compared with each other, never
+    both with the old champion. A version a waiter took for dead (its beat stalled) never moves
+    the alias: it reads its own tag before judging and before moving."""
     client = MlflowClient()
-    outcome = "not decided: the step stopped while waiting its turn"
+    outcome = ""
     stop = threading.Event()
     beating = threading.Thread(target=beat, args=(client, name, version, stop), daemon=True)
     beating.start()
     try:
         wait_for_turn(client, name, version)
-        outcome = decide(client, name, version, val_accuracy, split, judge())
+        outcome = abandoned(client, name, version) or decide(
+            client, name, version, val_accuracy, split, judge()
+        )
         return outcome
     except BaseException as e:
-        said = str(e).strip().splitlines()
-        outcome = f"not decided: {said[0] if said and isinstance(e, SoupsError) else type(e).__name__}"
-        if said and not isinstance(e, SoupsError):
-            outcome += f": {said[0]}"
+        said = (str(e).strip().splitlines() or [""])[0]
+        outcome = said if said.startswith(ABANDONED) else f"not decided: {said}"
+        if not isinstance(e, SoupsError):
+            outcome = f"not decided: {type(e).__name__}" + (f": {said}" if said else "")
         raise
     finally:
         stop.set()
         try:
-            client.set_model_version_tag(name, str(version), PROMOTION, outcome[:MAX_NOTE_LENGTH])
+            if not outcome.startswith(ABANDONED):  # a waiter's record of the stall stays
+                client.set_model_version_tag(name, str(version), PROMOTION, outcome[:MAX_NOTE_LENGTH])
         except Exception as e:  # the server went away: do not hide the error that ended the step
             log.warning("version %d of %s: promotion outcome not tagged: %s", version, name, str(e)[:200])
 
 
+def abandoned(client: MlflowClient, name: str, version: int) -> str:
+    """The waiter's verdict when one took this version for dead (it then decides no more), else ""."""
+    said = client.get_model_version(name, str(version)).tags.get(PROMOTION, PENDING)
+    return said if said.startswith(ABANDONED) else ""
+
+
 def beat(client: MlflowClient, name: str, version: int, stop: threading.Event) -> None:
     """Bump the version's PROMOTION_BEAT every BEAT_S while it waits and decides: a waiting
-    version tells a slow turn from a dead one by whether this changes, on its own clock."""
-    count = 0
+    version tells a slow turn from a dead one by whether this changes, on its own clock. The
+    value is new for every call (a version promoted again never repeats an old beat)."""
+    token, count = uuid.uuid4().hex[:8], 0
     while True:
         try:
-            client.set_model_version_tag(name, str(version), PROMOTION_BEAT, str(count))
+            client.set_model_version_tag(name, str(version), PROMOTION_BEAT, f"{token}-{count}")
         except Exception as e:  # a lost beat only risks being skipped as dead after DECIDE_STALE_S
             log.debug("promotion beat of version %d of %s not written: %s", version, name, e)
         count += 1
@@ -110,6 +125,8 @@ def beat(client: MlflowClient, name: str, version: int, stop: threading.Event) -
 
 def decide(client, name: str, version: int, val_accuracy: float, split: str, rival: Rival | None) -> str:
     def move(why: str) -> str:
+        if gone := abandoned(client, name, version):  # taken for dead while it judged: no move
+            raise SoupsError(gone)
         client.set_registered_model_alias(name, CHAMPION, str(version))
         try:
             client.set_model_version_tag(name, str(version), CHAMPION_WHY, why)
@@ -138,7 +155,7 @@ def decide(client, name: str, version: int, val_accuracy: float, split: str, riv
     )
 
 
-def wait_for_turn(client: MlflowClient, name: str, version: int, poll_s: float = 0.5) -> None:
+def wait_for_turn(client: MlflowClient, name: str, version: int, poll_s: float = 1.0) -> None:
     """Until no earlier version of `name` is pending. A pending version whose beat has not changed
     for DECIDE_STALE_S, timed on this process's own clock (no two machines' clocks compared), lost
     its step: it is tagged abandoned, and no later promotion waits for it again."""
@@ -154,7 +171,9 @@ def wait_for_turn(client: MlflowClient, name: str, version: int, poll_s: float =
             if n not in seen or seen[n][0] != beat_now:
                 seen[n] = (beat_now, now)
             if now - seen[n][1] > DECIDE_STALE_S:
-                gone = f"not decided: abandoned (its promotion beat stopped for {DECIDE_STALE_S:.0f} s)"
+                if client.get_model_version(name, str(n)).tags.get(PROMOTION) != PENDING:
+                    continue  # it decided meanwhile: its outcome stands
+                gone = f"{ABANDONED} (its promotion beat stopped for {DECIDE_STALE_S:.0f} s)"
                 client.set_model_version_tag(name, str(n), PROMOTION, gone)
                 log.info("version %d of %s: %s", n, name, gone)
                 continue
