@@ -58,7 +58,7 @@ def test_racing_soup_steps_always_leave_the_best_version_champion(tmp_path):
         client.create_registered_model("raced")
         best = 0.0
         for vals in rounds:
-            go = time.time() + 6  # after every worker has imported mlflow
+            go = time.time() + 4  # after every worker has imported mlflow (about 2 s here)
             procs = [
                 subprocess.Popen(
                     [sys.executable, "-c", WORKER, "raced", str(v), str(go)],
