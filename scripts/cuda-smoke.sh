@@ -33,10 +33,14 @@ P=(--recipe configs/demo.yaml --data "$DATA" --max_train 1000 --max_val 300 --ma
 "$PY" entrypoints/start.py "${P[@]}" --start_epochs 1
 for i in 0 1; do "$PY" entrypoints/finetune.py "${P[@]}" --i "$i" --epochs 1 --start auto; done
 # Wherever 2 GPUs exist: member 2 data-parallel on both (torchrun, NCCL, synchronised BatchNorm),
-# one MLflow run that the soup then takes like any other.
+# one MLflow run that the soup then takes like any other. NCCL refuses two ranks on one GPU
+# ("Duplicate GPU detected"), so finishing proves each rank took its own; one progress bar, rank 0's.
 if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
-  "$PY" entrypoints/finetune.py "${P[@]}" --i 2 --epochs 1 --start auto --nproc 2 --sync_bn true
-  echo "cuda-smoke: 2-GPU data-parallel fine-tune passed"
+  "$PY" entrypoints/finetune.py "${P[@]}" --i 2 --epochs 1 --start auto --nproc 2 --sync_bn true \
+    2> "$work/ddp.err" || { cat "$work/ddp.err" >&2; exit 1; }
+  bars=$(grep -o "epoch 1/1:   0%" "$work/ddp.err" | wc -l)
+  [ "$bars" -eq 1 ] || { echo "cuda-smoke: $bars progress bars for 2 ranks (want rank 0's alone)"; exit 1; }
+  echo "cuda-smoke: 2-GPU data-parallel fine-tune passed (one run, one progress bar)"
 fi
 "$PY" entrypoints/evaluate.py --recipe configs/demo.yaml --data "$DATA"
 "$PY" entrypoints/greedy_soup.py --recipe configs/demo.yaml --data "$DATA" --compare all --bn_recalibrate on \

@@ -40,9 +40,10 @@ def _heavy(size: int) -> list:
 PIPELINES = {"none": _none, "light": _light, "medium": _medium, "heavy": _heavy}
 
 
-def pipeline(name: str, size: int, seed: int | None = None) -> A.Compose | None:
-    """The named training pipeline for `size`-pixel images, or None for `none`."""
+def pipeline(name: str, size: int) -> A.Compose | None:
+    """The named training pipeline for `size`-pixel images, or None for `none`. Unseeded: the
+    training batches seed it image by image (`batches.SeededBatches`)."""
     if name not in PIPELINES:
         raise SoupsError(f"unknown augmentation aug={name!r}: use one of {', '.join(PIPELINES)}")
     steps = PIPELINES[name](size)
-    return A.Compose(steps, seed=seed) if steps else None
+    return A.Compose(steps) if steps else None

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 
-import albumentations as A
 import numpy as np
 import torch
 
@@ -24,7 +23,8 @@ def fits_in_memory(samples: data.Samples, size: int, cache_mb: int) -> bool:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """(uint8 HxWx3 tensor, label) pairs, from decoded images or decoding on the fly."""
+    """(uint8 HxWx3 tensor, label) pairs, from decoded images or decoding on the fly. Indexed by
+    `j`, or by `(j, seed)` to augment image j from its own seed (see `SeededBatches`)."""
 
     def __init__(self, source: data.Decoded | data.Samples, size: int, transform=None):
         self.source, self.size, self.transform = source, size, transform
@@ -32,69 +32,81 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source.labels)
 
-    def __getitem__(self, j: int):
+    def __getitem__(self, item):
+        j, seed = item if isinstance(item, tuple) else (item, None)
         if isinstance(self.source, data.Decoded):
             img = self.source.pixels[j]
         else:
             img = data.resized(self.source.read(j), self.size)
         if self.transform is not None:
+            if seed is not None:
+                self.transform.set_random_seed(seed)
             img = self.transform(image=img)["image"]
         return torch.from_numpy(np.ascontiguousarray(img)), int(self.source.labels[j])
 
 
+class Parts(torch.utils.data.Dataset):
+    """Datasets one after another (ConcatDataset, passing a `(j, seed)` index through)."""
+
+    def __init__(self, parts: list[ImageDataset]):
+        self.parts, self.ends = parts, np.cumsum([len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1])
+
+    def __getitem__(self, item):
+        j, seed = item
+        k = int(np.searchsorted(self.ends, j, side="right"))
+        return self.parts[k][(j - (int(self.ends[k - 1]) if k else 0), seed)]
+
+
+class SeededBatches(torch.utils.data.Sampler):
+    """Shuffled batches of `(image, seed)` pairs. Each epoch draws the order and one augmentation
+    seed per position from `generator`, so an image's augmentation depends on where it falls in
+    the epoch, never on which process or loader worker takes it: the ranks of a data-parallel run
+    augment their shares of a batch exactly as one process augments the whole batch (and no two
+    ranks draw in lockstep), and a loader worker needs no seed of its own."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.drop_last = n > batch_size  # a size-1 last batch breaks BatchNorm
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        seeds = torch.randint(2**31, (self.n,), generator=self.generator).tolist()
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            stop = min(start + self.batch_size, self.n)
+            yield list(zip(order[start:stop], seeds[start:stop], strict=True))
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else 1
+
+
 class TrainLoader(torch.utils.data.DataLoader):
     """Shuffled batches of `recipe.batch_size` images (this process's share of them, with several),
-    drawn from one generator seeded by the recipe: the same seed gives the same batches."""
+    drawn from one generator seeded by the recipe: the same seed gives the same batches, augmented
+    alike, with any number of processes or loader workers."""
 
-    def __init__(self, dataset, recipe: Recipe, transforms: tuple, world: World = SINGLE, workers: int = 0):
+    def __init__(self, dataset, recipe: Recipe, world: World = SINGLE, workers: int = 0):
         share = check_batch(recipe.batch_size, world)
         if world.parallel and share < 2:
             raise SoupsError(f"batch_size={recipe.batch_size} leaves under 2 images per process")
         generator = torch.Generator().manual_seed(recipe.seed)
-        batches = torch.utils.data.BatchSampler(
-            torch.utils.data.RandomSampler(dataset, generator=generator),
-            recipe.batch_size,
-            drop_last=len(dataset) > recipe.batch_size,  # a size-1 last batch breaks BatchNorm
-        )
-        self.transforms = [t for t in transforms if t is not None]
+        batches = SeededBatches(len(dataset), recipe.batch_size, generator)
         super().__init__(
             dataset,
             batch_sampler=RankBatches(batches, world) if world.parallel else batches,
             num_workers=workers,
-            worker_init_fn=self._seed_worker,
             generator=generator,
             persistent_workers=False,
         )
 
-    def _seed_worker(self, worker_id: int) -> None:  # distinct, reproducible augmentation per worker
-        for offset, t in enumerate(self.transforms):
-            t.set_random_seed((torch.initial_seed() + offset) % 2**32)
-
     def rng_state(self) -> dict:
-        """What decides the next batches: the shuffling generator (worker seeds come from it too)
-        and every augmentation's own generators (used in this process when there are no workers)."""
-        return {
-            "generator": self.generator.get_state(),
-            "transforms": [
-                (t.random_generator.bit_generator.state, t.py_random.getstate()) for t in self._random()
-            ],
-        }
+        """What decides the next batches and their augmentation: the one generator."""
+        return {"generator": self.generator.get_state()}
 
     def set_rng_state(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-        for t, (numpy_state, python_state) in zip(self._random(), state["transforms"], strict=True):
-            t.random_generator.bit_generator.state = numpy_state
-            t.py_random.setstate(python_state)
-
-    def _random(self) -> list:
-        """The pipelines and each of their steps: albumentations gives every step its own generators."""
-        out, todo = [], list(self.transforms)
-        while todo:
-            t = todo.pop(0)
-            out.append(t)
-            if isinstance(t, A.BaseCompose):
-                todo += list(t.transforms)
-        return out
 
 
 def oversampled_classes(spec: str, classes: list[str]) -> list[int]:
@@ -131,16 +143,15 @@ def train_loader(
     elif recipe.skip_bad:  # decoded every epoch: leave the unreadable out before batches are drawn
         source, bad = data.readable(splits.train, recipe.workers, "check train")
         skipped = len(bad)
-    transform = pipeline(recipe.aug, size, recipe.seed)
+    transform = pipeline(recipe.aug, size)
     parts = [ImageDataset(source, size, transform)]
-    extra_transform = None
     if recipe.oversample and recipe.oversample_factor > 1:
         targets = oversampled_classes(recipe.oversample, splits.train.classes)
         rows = np.flatnonzero(np.isin(source.labels, targets))
-        extra_transform = pipeline(recipe.oversample_aug, size, recipe.seed + 1)
-        parts += [ImageDataset(source.subset(rows), size, extra_transform)] * (recipe.oversample_factor - 1)
+        extra = ImageDataset(source.subset(rows), size, pipeline(recipe.oversample_aug, size))
+        parts += [extra] * (recipe.oversample_factor - 1)
 
-    dataset = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+    dataset = Parts(parts)
     # On a CPU, loader processes take their cores from the training step itself: with the images
     # decoded in memory, augmenting a batch here costs a few milliseconds (the demo on 2 cores:
     # 420 img/s with 2 workers, 600 without). Workers pay where they overlap with the step:
@@ -153,4 +164,4 @@ def train_loader(
             "workers=%d: training images are in memory and the CPU does the step; augmenting here",
             recipe.workers,
         )
-    return TrainLoader(dataset, recipe, (transform, extra_transform), world, workers), skipped
+    return TrainLoader(dataset, recipe, world, workers), skipped

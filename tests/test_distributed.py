@@ -21,7 +21,7 @@ RECIPE = {
     **TINY,
     "model": "test_efficientnet_gn",
     "epochs": 3,
-    "aug": "none",
+    "aug": "medium",  # each image augmented from its position's seed: the same on any rank
 }  # GroupNorm: no batch statistics
 
 
@@ -96,9 +96,10 @@ def test_two_processes_log_one_run_that_matches_one_process(world, single):
     for key in ("train_loss", "val_loss", "val_accuracy"):
         a, b = history(world, single, key), history(world, run_id, key)
         assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
-        assert max(abs(x - y) for (_, x), (_, y) in zip(a, b, strict=True)) < 1e-4, key
-    # Each rank took half of every batch the single process took: the same steps, up to the
-    # floating-point order of the gradient average.
+        assert max(abs(x - y) for (_, x), (_, y) in zip(a, b, strict=True)) < 1e-3, key
+    # Each rank took half of every batch the single process took, augmented alike: the same steps,
+    # up to the floating-point order of the gradient average (measured: losses within 2e-4, weights
+    # 1.5e-4; with the ranks' augmentation drawn per process instead, 0.04 and 0.09).
     wa, wb = weights(world, single), weights(world, run_id)
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-3
 
@@ -183,7 +184,8 @@ def test_a_fine_tune_killed_after_epoch_1_resumes_in_place_to_the_same_checkpoin
             os.killpg(proc.pid, signal.SIGKILL)
     rid = run.info.run_id
     killed = client(world).get_run(rid)
-    assert killed.info.status == "RUNNING" and killed.data.tags["soups.state_epoch"] == "1"
+    # Killed once a state was saved: after epoch 1, or 2 when an epoch is quicker than the poll.
+    assert killed.info.status == "RUNNING" and killed.data.tags["soups.state_epoch"] in ("1", "2")
     assert "soups.sha256" not in killed.data.tags
     time.sleep(6.5)  # three of its 2 s heartbeats missed: its process is gone
     assert finetune(world, "--resume", rid) == rid

@@ -115,7 +115,7 @@ def test_no_person_in_two_splits_with_oversampling_and_relabeling(leaky_setup):
     assert len(splits.relabelled) > 0
     # every image the training loader yields, the oversampled repeats included, is a training person's
     loader, _ = train_loader(splits, recipe)
-    parts = loader.dataset.datasets
+    parts = loader.dataset.parts
     assert len(parts) == 3, "factor 3: the old classes are seen twice more"
     person = dict(zip(splits.train.keys, splits.train.groups, strict=True))
     seen = {person.get(k) for part in parts for k in part.source.keys}
@@ -125,7 +125,7 @@ def test_no_person_in_two_splits_with_oversampling_and_relabeling(leaky_setup):
 def test_oversampled_images_come_from_the_training_split_only(leaky_setup):
     recipe, splits = leaky_setup
     loader, _ = train_loader(splits, recipe)
-    main, *extra = loader.dataset.datasets
+    main, *extra = loader.dataset.parts
     old = oversampled_classes("old", splits.train.classes)
     assert old == [2, 5, 8, 11, 14, 17]
     train_keys = set(splits.train.keys)

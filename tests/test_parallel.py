@@ -2,15 +2,19 @@
 `resume` are built from (tests/test_distributed.py starts the real processes)."""
 
 import copy
+import dataclasses
 
 import mlflow
 import pytest
 import torch
 
 from soups import SoupsError, distributed
+from soups.batches import train_loader
+from soups.data import make_splits
 from soups.distributed import RankBatches, World
 from soups.finetune import finetune, resume
-from soups.recipe import load_recipe
+from soups.layouts import read_layout
+from soups.recipe import Recipe, load_recipe
 from soups.train import fit
 from tests.conftest import TINY, make_imagefolder, write_recipe
 from tests.test_train import setup
@@ -32,6 +36,34 @@ def test_ranks_share_each_single_process_batch_without_overlap():
         parts = [r[k] for r in ranks]
         assert sorted(sum(parts, [])) == sorted(batch) and all(len(p) == 2 for p in parts)
     assert len(ranks[0]) == len(single) == 3
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_augment_their_shares_exactly_as_one_process_augments_the_batch(colours, workers):
+    """With augmentation on, the ranks' shares of each batch are the single process's batch, pixel
+    for pixel (each image is augmented from its position's seed, so loader workers change nothing
+    either), and the ranks do not augment in lockstep: one image at every position of an epoch gets
+    flips and crops that differ from rank to rank."""
+    splits = make_splits(read_layout("imagefolder", colours), 0.25, 0.0, 0)
+    # cache_mb=0: decoded in the loader, where workers stay
+    given = {"aug": "heavy", "batch_size": 6, "workers": workers, "cache_mb": 0}
+    recipe = Recipe(**{**TINY, "data": str(colours), "layout": "imagefolder", **given})
+
+    def epoch(world: World, source=splits.train) -> list:
+        loader = train_loader(dataclasses.replace(splits, train=source), recipe, world)[0]
+        assert loader.num_workers == workers
+        return [images for images, _ in loader]
+
+    single = epoch(World())
+    ranks = [epoch(World(rank, 3)) for rank in range(3)]
+    assert len(single) == len(ranks[0]) == 6
+    for k, batch in enumerate(single):
+        together = torch.stack([r[k][j] for j in range(2) for r in ranks])
+        assert torch.equal(together, batch)
+    # One image everywhere: what differs between positions is the augmentation alone.
+    same = splits.train.subset([0] * len(splits.train))
+    first = [epoch(World(rank, 3), same)[0][0] for rank in range(3)]
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2])
 
 
 def test_a_batch_that_does_not_split_evenly_is_refused():
