@@ -68,7 +68,7 @@ def swept(tmp_path_factory, mask_root):
             for _ in range(3)
         ]
         outs = [p.communicate(timeout=600) for p in procs]
-        failed = "\n".join(e[-3000:] for p, (_, e) in zip(procs, outs) if p.returncode)
+        failed = "\n".join(e[-3000:] for p, (_, e) in zip(procs, outs, strict=True) if p.returncode)
         assert [p.returncode for p in procs] == [0, 0, 0], failed
         yield dict(uri=uri, storage=storage, outs=outs, work=work, recipe=recipe, env=env)
 
