@@ -74,11 +74,15 @@ bench: venv data
 bench-quality: venv data
 	$(BIN)/python -m bench.run_all soup_quality
 
-# Load, faults, bad input and security against real processes, with 12 concurrent fine-tunes;
+# Concurrency, load, faults, bad input and security against real processes: the champion race in
+# 20 rounds, a live run resumed twice, 12 concurrent fine-tunes, 100 logging clients and an
+# 8-worker sweep on PostgreSQL, two torchrun nodes on loopback;
 # ends with a table: scenario, expected, observed.
 stress: venv
 	SOUPS_STRESS=1 SOUPS_LOAD_PROCESSES=12 $(BIN)/python -m pytest -q -p no:cacheprovider \
-	  tests/test_load.py tests/test_faults.py tests/test_bad_input.py tests/test_auth.py tests/test_models.py::test_pickle_payload_is_refused_and_never_runs
+	  tests/test_champion_race.py tests/test_distributed.py::test_resume_refuses_a_run_whose_process_is_still_training \
+	  tests/test_load.py tests/test_multinode.py \
+	  tests/test_faults.py tests/test_bad_input.py tests/test_auth.py tests/test_models.py::test_pickle_payload_is_refused_and_never_runs
 
 lint: venv
 	$(BIN)/ruff check .

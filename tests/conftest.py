@@ -121,9 +121,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(workdir: Path, *extra: str, env: dict | None = None):
-    """A real `mlflow server` on 127.0.0.1 (sqlite backend, artifacts served from `workdir`), in
-    its own process group, stopped with all its children afterwards."""
+def mlflow_server(workdir: Path, *extra: str, env: dict | None = None, backend: str = "", workers: int = 1):
+    """A real `mlflow server` on 127.0.0.1 (`backend`, by default SQLite in `workdir`; artifacts
+    served from `workdir`), in its own process group, stopped with all its children afterwards."""
     import signal
     import subprocess
     import sys
@@ -142,9 +142,9 @@ def mlflow_server(workdir: Path, *extra: str, env: dict | None = None):
             "--port",
             str(port),
             "--workers",
-            "1",
+            str(workers),
             "--backend-store-uri",
-            f"sqlite:///{workdir / 'server.db'}",
+            backend or f"sqlite:///{workdir / 'server.db'}",
             "--artifacts-destination",
             str(workdir / "artifacts"),
             *extra,

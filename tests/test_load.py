@@ -11,7 +11,7 @@ import mlflow
 import pytest
 
 from soups.models import load_checkpoint
-from tests.conftest import ROOT, TINY, mlflow_server, write_recipe
+from tests.conftest import ROOT, TINY, mlflow_server, postgres_server, write_recipe
 
 pytestmark = pytest.mark.slow  # real processes: servers, `mlflow run`, workers
 
@@ -67,3 +67,19 @@ def test_concurrent_finetunes_all_finish_in_the_intended_experiment(store, tmp_p
         db = tmp_path / "fresh" / "mlflow.db"
         assert not db.exists()
         swarm(f"sqlite:///{db}")
+
+
+@pytest.mark.skipif(not os.environ.get("SOUPS_STRESS"), reason="100 clients and 8 sweep workers: make stress")
+def test_hundred_logging_clients_then_an_eight_worker_sweep_lose_nothing_on_postgres(tmp_path):
+    """100 clients at once (a run each: params, 100 metric steps, an artifact), then an 8-worker
+    sweep, on one mlflow server on PostgreSQL: every run FINISHED, nothing lost
+    (`python -m bench.tracking_load` gives the latency and throughput of the same load)."""
+    from bench.tracking_load import database, logging_swarm, sweep_swarm
+
+    with postgres_server() as server:
+        with mlflow_server(tmp_path, backend=database(server, "mlflow"), workers=4) as uri:
+            swarm = logging_swarm(uri, 100, 100)
+            assert swarm.intact, swarm
+            assert swarm.requests == 100 * 104
+            sweep = sweep_swarm(uri, database(server, "optuna"), tmp_path, 8, 16)
+            assert sweep.intact, sweep

@@ -26,7 +26,7 @@ from soups.tracking.names import (
     STOPPED,
 )
 from soups.tracking.runs import Run
-from soups.tracking.server import checked_run_id, configure, shown
+from soups.tracking.server import checked_run_id, configure, retried_on_conflict, shown
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 30.0  # how often a training run says its process is alive (start_claims.STALE_S)
@@ -197,9 +197,10 @@ def describe_experiment(experiment_id: str, note: str) -> None:
     client = MlflowClient()
     tags = client.get_experiment(experiment_id).tags
     if note and not tags.get(NOTE):
-        client.set_experiment_tag(experiment_id, NOTE, note)
+        retried_on_conflict(lambda: client.set_experiment_tag(experiment_id, NOTE, note))
     if EXPERIMENT_KIND not in tags:
-        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, "custom_model_development")
+        kind = "custom_model_development"
+        retried_on_conflict(lambda: client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, kind))
 
 
 def generated_name(name: str | None) -> bool:
