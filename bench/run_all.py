@@ -23,6 +23,7 @@ BENCHMARKS = [
     "soup_quality",
     "layout_parity",
     "ddp_throughput",
+    "tracking_load",
 ]
 DOC = Path("docs/BENCHMARKS.md")
 
