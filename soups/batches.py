@@ -5,6 +5,7 @@ to draw the very batches an uninterrupted one would have."""
 from __future__ import annotations
 
 import logging
+import random
 
 import numpy as np
 import torch
@@ -24,7 +25,9 @@ def fits_in_memory(samples: data.Samples, size: int, cache_mb: int) -> bool:
 
 class ImageDataset(torch.utils.data.Dataset):
     """(uint8 HxWx3 tensor, label) pairs, from decoded images or decoding on the fly. Indexed by
-    `j`, or by `(j, seed)` to augment image j from its own seed (see `SeededBatches`)."""
+    `j`, or by `(j, seed)` to augment image j from its own seed (see `SeededBatches`): that resets
+    the shared pipeline's generators, so one dataset serves one thread (a loader worker holds its
+    own copy)."""
 
     def __init__(self, source: data.Decoded | data.Samples, size: int, transform=None):
         self.source, self.size, self.transform = source, size, transform
@@ -40,7 +43,10 @@ class ImageDataset(torch.utils.data.Dataset):
             img = data.resized(self.source.read(j), self.size)
         if self.transform is not None:
             if seed is not None:
-                self.transform.set_random_seed(seed)
+                # One generator pair shared by the steps, drawn from in turn: albumentations'
+                # `set_random_seed` gives every step its own generator from the same seed, so the
+                # steps would all draw the same numbers and switch on and off together.
+                self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
             img = self.transform(image=img)["image"]
         return torch.from_numpy(np.ascontiguousarray(img)), int(self.source.labels[j])
 
@@ -79,7 +85,7 @@ class SeededBatches(torch.utils.data.Sampler):
             yield list(zip(order[start:stop], seeds[start:stop], strict=True))
 
     def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else 1
+        return self.n // self.batch_size if self.drop_last else min(self.n, 1)
 
 
 class TrainLoader(torch.utils.data.DataLoader):

@@ -66,6 +66,31 @@ def test_ranks_augment_their_shares_exactly_as_one_process_augments_the_batch(co
     assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2])
 
 
+def test_an_images_own_seed_leaves_the_pipelines_steps_independent():
+    """Two flips at p=0.5 on one asymmetric image, reseeded image by image: all four on/off
+    combinations appear (steps seeded alike would flip together: two combinations), and a seed
+    gives the same image every time."""
+    import albumentations as A
+    import numpy as np
+
+    from soups.batches import ImageDataset
+    from soups.data import Decoded
+
+    pixels = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(1, 4, 4, 3)
+    flips = A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)])
+    images = ImageDataset(Decoded(pixels, np.zeros(1, dtype=np.int64), ["a"], []), 4, flips)
+    original = torch.from_numpy(pixels[0])
+
+    def seen(seed: int) -> tuple[bool, bool]:
+        out = images[(0, seed)][0]
+        return bool(torch.equal(out, original.flip(1)) or torch.equal(out, original.flip(0, 1))), bool(
+            torch.equal(out, original.flip(0)) or torch.equal(out, original.flip(0, 1))
+        )
+
+    assert {seen(seed) for seed in range(64)} == {(False, False), (False, True), (True, False), (True, True)}
+    assert all(torch.equal(images[(0, seed)][0], images[(0, seed)][0]) for seed in range(8))
+
+
 def test_a_batch_that_does_not_split_evenly_is_refused():
     assert distributed.check_batch(32, World(0, 4)) == 8
     with pytest.raises(SoupsError, match="batch_size=30 does not split evenly over 4 processes"):

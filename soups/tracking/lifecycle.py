@@ -26,7 +26,7 @@ from soups.tracking.names import (
     STOPPED,
 )
 from soups.tracking.runs import Run
-from soups.tracking.server import checked_run_id, configure, retried_on_conflict, shown
+from soups.tracking.server import checked_run_id, configure, is_conflict, shown
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 30.0  # how often a training run says its process is alive (start_claims.STALE_S)
@@ -196,11 +196,17 @@ def describe_experiment(experiment_id: str, note: str) -> None:
     has them already (a description someone wrote is never replaced)."""
     client = MlflowClient()
     tags = client.get_experiment(experiment_id).tags
-    if note and not tags.get(NOTE):
-        retried_on_conflict(lambda: client.set_experiment_tag(experiment_id, NOTE, note))
+    wanted = {NOTE: note} if note and not tags.get(NOTE) else {}
     if EXPERIMENT_KIND not in tags:
-        kind = "custom_model_development"
-        retried_on_conflict(lambda: client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, kind))
+        wanted[EXPERIMENT_KIND] = "custom_model_development"
+    for key, value in wanted.items():
+        try:
+            client.set_experiment_tag(experiment_id, key, value)
+        except MlflowException as e:
+            # Another process described it at the same moment (MLflow's read-then-insert lost the
+            # race): theirs stands, as any description already there does.
+            if not is_conflict(e):
+                raise
 
 
 def generated_name(name: str | None) -> bool:

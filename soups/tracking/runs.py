@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -179,8 +179,9 @@ class Run:
         self.client.log_text(self.id, text, name)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.id, k, str(v))
+        # One batch: atomic, and MLflow's batch write retries the insert race of two processes
+        # tagging one run at the same moment (a single `set_tag` does not).
+        self.client.log_batch(self.id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def finish(self) -> None:
         self.client.set_terminated(self.id, "FINISHED")

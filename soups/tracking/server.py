@@ -11,18 +11,15 @@ import socket
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from soups import SoupsError
-
-T = TypeVar("T")
 
 QUIET_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -184,25 +181,11 @@ def has_password(url: str) -> bool:
     return without_password(url) != url
 
 
-# What a tracking store answers when two processes insert the same row at the same moment: MLflow
-# writes tags and latest metrics as read-then-insert, so the slower insert of a pair fails with the
-# database's unique-key error (PostgreSQL, SQLite, MySQL), while a write of an existing row updates.
+# What a tracking store answers when two processes insert the same row at the same moment: a
+# single `set_experiment_tag` (or `set_tag`) is a read-then-insert in MLflow's SQL store, so the
+# slower insert of a pair fails with the database's unique-key error (PostgreSQL, SQLite, MySQL).
 CONFLICTS = ("UniqueViolation", "duplicate key value", "UNIQUE constraint failed", "Duplicate entry")
 
 
 def is_conflict(error: BaseException) -> bool:
     return isinstance(error, MlflowException) and any(m in str(error) for m in CONFLICTS)
-
-
-def retried_on_conflict(write: Callable[[], T], attempts: int = 3) -> T:
-    """`write` again when it lost an insert race to another process writing the same rows: the
-    rows exist now, so the next try updates them (what every worker summing up a sweep, or
-    describing the experiment, does at the same moment)."""
-    for attempt in range(attempts):
-        try:
-            return write()
-        except MlflowException as e:
-            if not is_conflict(e) or attempt == attempts - 1:
-                raise
-            time.sleep(0.2 * (attempt + 1))
-    raise AssertionError("unreachable")

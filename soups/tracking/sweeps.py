@@ -16,7 +16,6 @@ from soups.tracking.names import (
     SWEEP_PARENT,
 )
 from soups.tracking.runs import Run
-from soups.tracking.server import retried_on_conflict
 
 
 def sweep_parent(own_run: str | None, experiment_id: str, study: str, trials: int = 0) -> Run:
@@ -42,10 +41,10 @@ def log_sweep_setup(parent: Run, params: dict, start: str) -> None:
 
 def log_sweep_best(parent: Run, value: float, number: int, run_id: str, params: dict) -> None:
     """The best trial: its val accuracy and number, its run and what it drew. Every worker that
-    sees the study complete writes it, maybe at the same moment: a lost insert race is retried."""
-    tags = {BEST_TRIAL_RUN: run_id, **{f"{BEST_PARAM_PREFIX}{k}": v for k, v in params.items()}}
-    retried_on_conflict(lambda: parent.log_metrics({"best_val_accuracy": value, "best_trial": number}))
-    retried_on_conflict(lambda: parent.set_tags(tags))
+    sees the study complete writes it, maybe at the same moment: both are batch writes, which
+    MLflow retries when two processes insert the same row."""
+    parent.log_metrics({"best_val_accuracy": value, "best_trial": number})
+    parent.set_tags({BEST_TRIAL_RUN: run_id, **{f"{BEST_PARAM_PREFIX}{k}": v for k, v in params.items()}})
 
 
 def log_sweep_plot(parent: Run, name: str, html: str) -> None:
