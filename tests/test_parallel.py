@@ -184,6 +184,43 @@ def test_resume_refuses_a_run_whose_process_still_beats(tiny_recipe, tracking_ur
     assert tracking.resumable(run).info.run_id == run
 
 
+def test_two_processes_resuming_one_dead_run_at_the_same_moment_leave_one_training(tiny_recipe, tracking_uri):
+    """Both find the run dead and pass `resumable`; each claims it (a token with a fresh beat),
+    waits and reads back: one goes on, the other stops in one line. Anyone later is refused
+    by the fresh beat, even on a run that ended FAILED."""
+    import threading
+
+    from soups import tracking
+    from soups.tracking.resume import claim
+
+    done = finetune(load_recipe(tiny_recipe))
+    client = mlflow.MlflowClient()
+    run = client.create_run(client.get_run(done).info.experiment_id).info.run_id
+    for k, v in {"soups.role": "ingredient", "soups.state_epoch": "1"}.items():
+        client.set_tag(run, k, v)
+    client.set_terminated(run, "FAILED")
+    assert tracking.resumable(run).info.run_id == run
+    outcomes: list[str] = []
+
+    def resumer() -> None:
+        try:
+            claim(run)
+            outcomes.append("trains")
+        except SoupsError as e:
+            outcomes.append(str(e))
+
+    both = [threading.Thread(target=resumer) for _ in range(2)]
+    for t in both:
+        t.start()
+    for t in both:
+        t.join()
+    stopped = [o for o in outcomes if o != "trains"]
+    assert outcomes.count("trains") == 1 and len(stopped) == 1, outcomes
+    assert "resumed the run at the same moment; it trains, this one stops" in stopped[0]
+    with pytest.raises(SoupsError, match="a process resuming the run said it was alive"):
+        tracking.resumable(run)
+
+
 def test_a_sigterm_while_the_failed_run_is_being_ended_still_leaves_it_failed(tracking_uri, monkeypatch):
     """torchrun SIGTERMs rank 0 right after the other rank dies; when that lands inside `end_run`
     (rank 0 already failing on the lost peer), the run must still end FAILED, not RUNNING."""

@@ -39,11 +39,13 @@ def heartbeat_interval() -> float:
 
 
 def signs_of_life(run) -> tuple[float, float] | None:
-    """(seconds since its last beat, seconds until it counts as dead) of a RUNNING run whose
-    process may still be alive, or None when it is not RUNNING or its beats stopped long enough
-    ago (LIVE_BEATS of its own interval)."""
+    """(seconds since its last beat, seconds until it counts as dead) of a run whose process may
+    still be alive (RUNNING, or ended and being resumed), or None when its beats stopped long
+    enough ago (LIVE_BEATS of its own interval)."""
     beat = run.data.tags.get(HEARTBEAT)
-    if run.info.status != "RUNNING" or beat is None:
+    ended = (run.info.end_time or 0) / 1000
+    # A beat after the run ended is a resuming process's, before it reopens the run.
+    if beat is None or (run.info.status != "RUNNING" and float(beat) <= ended):
         return None
     every = float(run.data.tags.get(HEARTBEAT_EVERY, HEARTBEAT_S))
     age = max(0.0, time.time() - float(beat))  # wall clocks of two machines: assumed in sync (NTP)

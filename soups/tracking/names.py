@@ -68,6 +68,7 @@ START_PARAM = "start"  # the recipe field a sweep resolves once for all its tria
 TRAINING_STATE = "state/training_state.pt"
 STATE_EPOCH = "soups.state_epoch"  # the epoch TRAINING_STATE ends
 RESUMED = "soups.resumed"  # on a `mlflow run` run that continued another run in place
+RESUME_CLAIM = "soups.resume_claim"  # host:pid:token of the process that reopened the run last
 # Params every ingredient run carries that other steps read back (recipe fields and data sizes)
 MEMBER_PARAM = "i"
 MODEL_PARAM = "model"

@@ -4,17 +4,31 @@ and a run that died (SIGKILL, preemption, a lost server) reopened under its own 
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import mlflow
 import torch
+from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from soups import SoupsError
-from soups.tracking.lifecycle import run_link, signs_of_life
-from soups.tracking.names import NOTE, RESUMED, ROLE, STATE_EPOCH, STOPPED, TRAINING_STATE
+from soups.tracking.lifecycle import heartbeat_interval, run_link, signs_of_life
+from soups.tracking.names import (
+    HEARTBEAT,
+    HEARTBEAT_EVERY,
+    NOTE,
+    RESUME_CLAIM,
+    RESUMED,
+    ROLE,
+    STATE_EPOCH,
+    STOPPED,
+    TRAINING_STATE,
+)
 from soups.tracking.runs import Run
 from soups.tracking.search import get_run
 from soups.tracking.server import raising_unreachable
@@ -45,9 +59,10 @@ def resumable(run_id: str, reopened: bool = False):
     if status == "FINISHED":
         raise SoupsError(f"resume={run_id}: the run FINISHED; nothing is left to train")
     if not reopened and (alive := signs_of_life(run)):  # two processes would train and upload into one run
+        who = "the run is RUNNING and its process" if status == "RUNNING" else "a process resuming the run"
         raise SoupsError(
-            f"resume={run_id}: the run is RUNNING and its process said it was alive {alive[0]:.0f} s "
-            f"ago; if that process is gone, resume again in {alive[1]:.0f} s"
+            f"resume={run_id}: {who} said it was alive {alive[0]:.0f} s ago; if that process is "
+            f"gone, resume again in {alive[1]:.0f} s"
         )
     if STATE_EPOCH not in run.data.tags:
         raise SoupsError(
@@ -69,10 +84,33 @@ def training_state(run_id: str) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+CLAIM_SETTLE_S = 2.0  # how long a resuming process waits for one that resumed at the same moment
+
+
+def claim(run_id: str) -> None:
+    """Make this process the only one to resume `run_id`. Two processes that find the same dead
+    run at the same moment would both pass `resumable`: each writes its token with a fresh
+    heartbeat in one batch, waits, and reads the token back; only the last writer finds its own.
+    A process arriving later sees the fresh beat and is refused by `resumable` like a live run."""
+    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    beat = [RunTag(HEARTBEAT, str(time.time())), RunTag(HEARTBEAT_EVERY, f"{heartbeat_interval():g}")]
+    with raising_unreachable():
+        MlflowClient().log_batch(run_id, tags=[RunTag(RESUME_CLAIM, token), *beat])
+    time.sleep(CLAIM_SETTLE_S)
+    theirs = get_run(run_id).data.tags.get(RESUME_CLAIM)
+    if theirs != token:
+        raise SoupsError(
+            f"resume={run_id}: another process ({theirs}) resumed the run at the same moment; it "
+            "trains, this one stops"
+        )
+
+
 def reopen(run_id: str, **kw):
-    """Start `run_id` again (MLflow sets it RUNNING). The run `mlflow run` made for this process,
-    if any, is labelled as the one that resumed it, and left for `mlflow run` to end."""
+    """Start `run_id` again (MLflow sets it RUNNING), once this process holds the claim. The run
+    `mlflow run` made for this process, if any, is labelled as the one that resumed it, and left
+    for `mlflow run` to end."""
     run = resumable(run_id)
+    claim(run_id)
     launcher = os.environ.pop("MLFLOW_RUN_ID", None)
     if launcher and launcher != run_id:
         client = MlflowClient()
