@@ -4,6 +4,7 @@ or loads the model, so nothing is pickled; the weights come from the `checkpoint
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
@@ -20,7 +21,9 @@ class SoupModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         self.predictor = Predictor(load_checkpoint(Path(context.artifacts["checkpoint"])))
 
-    def predict(self, context, model_input, params=None):
+    # The DataFrame hint: MLflow then neither warns for a missing hint nor infers a schema (the
+    # signature logged with the model is the one that holds).
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         try:
             return self.predictor.predict(model_input)
         except SoupsError as e:  # a bad image: 400 naming the row, not a 500 with a stack trace
