@@ -169,6 +169,23 @@ def mlflow_server(workdir: Path, *extra: str, env: dict | None = None, backend: 
         log.close()
 
 
+def all_at_once(commands: list[list[str]], env: dict, timeout: float = 600, **popen) -> list[tuple[str, str]]:
+    """Start every command at once and wait for all; each must exit 0 (the message: the failed
+    ones' stderr tails). Returns (stdout, stderr) of each, in order."""
+    import subprocess
+
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    procs = [subprocess.Popen(c, env=env, **popen) for c in commands]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    failed = [
+        f"{c[1:3]} exited {p.returncode}: {(e or '')[-1500:]}"
+        for c, p, (_, e) in zip(commands, procs, outs, strict=True)
+        if p.returncode
+    ]
+    assert not failed, "\n".join(failed)
+    return outs
+
+
 REQUIRE_SERVICES = "SOUPS_REQUIRE_SERVICES"  # set by .ci/run: every service test must run
 
 

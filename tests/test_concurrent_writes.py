@@ -3,7 +3,6 @@ and latest metrics as read-then-insert, and the slower insert of a pair fails wi
 error (found by `bench.tracking_load`: one of 8 sweep workers died describing the experiment)."""
 
 import os
-import subprocess
 import sys
 import textwrap
 import time
@@ -11,7 +10,7 @@ import time
 import mlflow
 import pytest
 
-from tests.conftest import ROOT, mlflow_server
+from tests.conftest import ROOT, all_at_once, mlflow_server
 
 pytestmark = pytest.mark.slow  # real processes and a real server
 
@@ -43,19 +42,10 @@ def test_writers_of_the_same_rows_at_the_same_moment_all_succeed(tmp_path):
         parent = client.create_run("0").info.run_id
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}
         go = time.time() + 5  # after every writer has imported soups (about 2 s here)
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-c", WRITER, parent, str(go), str(rounds), str(j)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for j in range(processes)
+        writers = [
+            [sys.executable, "-c", WRITER, parent, str(go), str(rounds), str(j)] for j in range(processes)
         ]
-        errors = [p.communicate(timeout=120)[1] for p in procs]
-        failed = "\n".join(e[-1500:] for p, e in zip(procs, errors, strict=True) if p.returncode)
-        assert all(p.returncode == 0 for p in procs), failed
+        all_at_once(writers, env, timeout=120)
         run = client.get_run(parent)
         best = client.get_metric_history(parent, "best_trial")
         assert {m.value for m in best} == set(range(rounds))

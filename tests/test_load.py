@@ -11,7 +11,7 @@ import mlflow
 import pytest
 
 from soups.models import load_checkpoint
-from tests.conftest import ROOT, TINY, mlflow_server, postgres_server, write_recipe
+from tests.conftest import ROOT, TINY, all_at_once, mlflow_server, postgres_server, write_recipe
 
 pytestmark = pytest.mark.slow  # real processes: servers, `mlflow run`, workers
 
@@ -33,19 +33,11 @@ def test_concurrent_finetunes_all_finish_in_the_intended_experiment(store, tmp_p
     def swarm(uri: str) -> None:
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "SOUPS_CACHE": str(tmp_path / "cache")}
         env.pop("MLFLOW_RUN_ID", None)
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "entrypoints/finetune.py", "--recipe", str(recipe), "--i", str(i)],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+        finetunes = [
+            [sys.executable, "entrypoints/finetune.py", "--recipe", str(recipe), "--i", str(i)]
             for i in range(PROCESSES)
         ]
-        errors = [p.communicate(timeout=900)[1] for p in procs]
-        assert [p.returncode for p in procs] == [0] * PROCESSES, [e[-800:] for e in errors if e]
+        all_at_once(finetunes, env, timeout=900, cwd=ROOT, stdout=subprocess.DEVNULL)
         client = mlflow.MlflowClient(uri)
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
         assert len(runs) == PROCESSES

@@ -12,7 +12,7 @@ import pytest
 
 from soups.recipe import draw, load_recipe
 from soups.sweep_study import DrawSampler, distributions, suggest
-from tests.conftest import ROOT, TINY, mlflow_server, postgres_server, write_recipe
+from tests.conftest import ROOT, TINY, all_at_once, mlflow_server, postgres_server, write_recipe
 
 pytestmark = pytest.mark.slow  # real processes: servers, `mlflow run`, workers
 
@@ -61,15 +61,7 @@ def swept(tmp_path_factory, mask_root):
             "--pruner",
             "none",
         ]
-        procs = [
-            subprocess.Popen(
-                worker, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-            for _ in range(3)
-        ]
-        outs = [p.communicate(timeout=600) for p in procs]
-        failed = "\n".join(e[-3000:] for p, (_, e) in zip(procs, outs, strict=True) if p.returncode)
-        assert [p.returncode for p in procs] == [0, 0, 0], failed
+        outs = all_at_once([worker] * 3, env, cwd=ROOT)
         yield dict(uri=uri, storage=storage, outs=outs, work=work, recipe=recipe, env=env)
 
 
