@@ -4,15 +4,13 @@ soup scores best on the other half, or the top-ranked run alone when none reache
 `each`, the paper's (start from the best ingredient, add each next one in rank order when the soup
 scores at least as well on the held-out set); and `prefix` (the best rank-order prefix, on all of val).
 
-Why `split`: on the demo recipe over three split seeds the paper's rule gained +0.08 points on test
-over the best member (kept 1, 1, 2 ingredients) while the uniform soup gained +0.51. Two faults,
-both measured: it is myopic (a pair scores below the best member while the average of all scores
-above it), and the best member's val accuracy is inflated by having been chosen as the best of N
-on the same 1,000 images, so every soup compared with it there looks worse than it is. A prefix
-rule fixes the first only (+0.07, kept 1, 1, 4); ranking on half A and choosing on half B fixes
-both (bench/soup_quality.py; docs/BENCHMARKS.md has the rows). On independently trained members
-(no shared start) every rule loses to the best member (`split` -0.29 with its fallback to the
-top-ranked run, `each` -0.39): averaging needs a shared start whatever the rule."""
+Why `split`: the best member's val accuracy is the best of N noisy scores on the same images, so
+every soup compared with it there looks worse than it is; ranking on half A and choosing on half B
+removes that bias, and the fallback never ships below the top-ranked run on half B. Measured on the
+demo recipe over three split seeds (bench/soup_quality.py, bench/NOTES.md): one draw of members
+gave `split` +0.56 points on test over the best member and `each` +0.08; another draw +0.19 and
++0.30. With 4 members the rules differ by less than the draw moves them. On independently trained
+members (no shared start) every rule loses to the best member: averaging needs a shared start."""
 
 from __future__ import annotations
 
