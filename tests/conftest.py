@@ -178,8 +178,8 @@ def all_at_once(commands: list[list[str]], env: dict, timeout: float = 600, **po
     procs = [subprocess.Popen(c, env=env, **popen) for c in commands]
     outs = [p.communicate(timeout=timeout) for p in procs]
     failed = [
-        f"{c[1:3]} exited {p.returncode}: {(e or '')[-1500:]}"
-        for c, p, (_, e) in zip(commands, procs, outs, strict=True)
+        f"command {k} ({' '.join(c[1:])[:80]}) exited {p.returncode}: {(e or '')[-1500:]}"
+        for k, (c, p, (_, e)) in enumerate(zip(commands, procs, outs, strict=True))
         if p.returncode
     ]
     assert not failed, "\n".join(failed)

@@ -9,8 +9,9 @@ every soup compared with it there looks worse than it is; ranking on half A and 
 removes that bias, and the fallback never ships below the top-ranked run on half B. Measured on the
 demo recipe over three split seeds (bench/soup_quality.py, bench/NOTES.md): one draw of members
 gave `split` +0.56 points on test over the best member and `each` +0.08; another draw +0.19 and
-+0.30. With 4 members the rules differ by less than the draw moves them. On independently trained
-members (no shared start) every rule loses to the best member: averaging needs a shared start."""
++0.30. With 4 members the draw of members moves the gain about as much as the rules differ.
+On independently trained members (no shared start) every rule loses to the best member:
+averaging needs a shared start."""
 
 from __future__ import annotations
 

@@ -44,7 +44,8 @@ def signs_of_life(run) -> tuple[float, float] | None:
     enough ago (LIVE_BEATS of its own interval)."""
     beat = run.data.tags.get(HEARTBEAT)
     ended = (run.info.end_time or 0) / 1000
-    # A beat after the run ended is a resuming process's, before it reopens the run.
+    # A beat after the run ended is a resuming process's, before it reopens the run (the beat and
+    # the end time come from two machines' clocks: assumed in sync, as below).
     if beat is None or (run.info.status != "RUNNING" and float(beat) <= ended):
         return None
     every = float(run.data.tags.get(HEARTBEAT_EVERY, HEARTBEAT_S))
