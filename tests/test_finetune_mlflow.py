@@ -167,33 +167,38 @@ def test_bad_parameters_fail_in_one_line(tracking_uri, recipe, args, message):
     assert "Traceback" not in out.stderr
 
 
-def test_ctrl_c_ends_the_run_killed_without_checkpoint(tracking_uri, recipe):
+def test_ctrl_c_ends_the_run_killed_without_checkpoint(tracking_uri, recipe, tmp_path):
     import signal
     import time
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    # stderr to a file: an undrained pipe fills with progress bars and stalls the child. Python's
+    # faulthandler prints every thread's stack on SIGABRT: a hang shows where it hangs.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONFAULTHANDLER": "1"}
     env.pop("MLFLOW_RUN_ID", None)
+    log = tmp_path / "finetune.err"
     proc = subprocess.Popen(
         [sys.executable, "entrypoints/finetune.py", "--recipe", str(recipe), "--epochs", "500"],
         cwd=ROOT,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
     )
     client = mlflow.MlflowClient(tracking_uri)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait until training is under way: an epoch has been logged
-        time.sleep(0.5)
-        runs = (
-            client.search_runs([e.experiment_id for e in client.search_experiments()])
-            if proc.poll() is None
-            else []
-        )
-        if runs and "val_accuracy" in runs[0].data.metrics:
-            break
+    deadline, started = time.time() + 120, False
+    while time.time() < deadline and proc.poll() is None and not started:
+        time.sleep(0.5)  # until training is under way: an epoch has been logged
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        started = bool(runs) and "val_accuracy" in runs[0].data.metrics
+    assert started, f"no epoch logged in 120 s: {log.read_text()[-2000:]}"
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        proc.wait(timeout=30)
+        stacks = log.read_text()[-6000:]
+        raise AssertionError(f"still running 60 s after Ctrl-C; its stacks: {stacks}") from None
+    err = log.read_text()
     assert proc.returncode != 0, err[-2000:]
     _, r = only_run(tracking_uri)
     assert r.info.status == "KILLED"
