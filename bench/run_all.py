@@ -24,6 +24,7 @@ BENCHMARKS = [
     "layout_parity",
     "ddp_throughput",
     "tracking_load",
+    "incremental_soup",
 ]
 DOC = Path("docs/BENCHMARKS.md")
 

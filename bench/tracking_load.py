@@ -202,7 +202,7 @@ def sweep_swarm(uri: str, storage: str, work: Path, workers: int, trials: int) -
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "SOUPS_CACHE": str(work / "cache")}
     env.pop("MLFLOW_RUN_ID", None)
     worker = [sys.executable, "entrypoints/sweep.py", "--recipe", str(recipe), "--trials", str(trials)]
-    worker += ["--storage", storage, "--study", "load", "--pruner", "none"]
+    worker += ["--storage", storage, "--study", "load", "--pruner", "none", "--soup", "none"]
     started = time.perf_counter()
     logs = [work / f"sweep-worker-{k}.log" for k in range(workers)]  # files: a full pipe would stall it
     procs = [

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from soups import SoupsError, distributed, one_line
-from soups.options import cli_fields
+from soups.options import cli_fields, cli_name
 from soups.recipe import OPTION_FIELDS
 from soups.soup import all_params
 
@@ -54,7 +54,8 @@ def step_options(cls) -> Callable[[Callable], Callable]:
         for f in reversed(cli_fields(cls)):
             choices = f.metadata.get("choices")
             command = click.option(
-                f"--{f.name}",
+                f"--{cli_name(f)}",
+                f.name,
                 type=click.Choice([str(c) for c in choices]) if choices else _TYPES[type(f.default)],
                 default=f.default,
                 show_default=f.default != "",

@@ -57,6 +57,7 @@ def soup_table(report) -> str:
             f"{name:<26}{pct(dish.val_accuracy)}{pct(dish.test_accuracy)}  {gain(dish.test_gain):<34}"
             f"{dish.n_ingredients}{note}"
         )
+    lines.append(history_line(report.history))
     kept = f"{report.chosen.n_ingredients} of {report.n_usable} usable ingredients"
     lines.append(
         f"\n{kept} in the {report.method} soup; "
@@ -66,6 +67,23 @@ def soup_table(report) -> str:
         f"soup run {report.run_id}; {report.registry}"
     )
     return "\n".join(lines)
+
+
+def history_line(h) -> str:
+    """Which soup this one continued, what was new and what the reused scores saved."""
+    if not h.continued_from:
+        return f"\nstarted from scratch: {h.why}"
+    line = (
+        f"\ncontinued soup run {h.continued_from}: {len(h.new)} of {len(h.considered)} candidate runs new; "
+        f"{h.scores_reused} held-out scores answered by its book, {h.models_scored} models scored "
+        "(the soup is the one starting over gives; -P from=none starts over)"
+    )
+    if h.revisited:
+        line += (
+            f"\n{len(h.revisited)} new run(s) rank above runs the earlier soup considered "
+            f"({', '.join(h.revisited[:5])}): the decisions after them were made again"
+        )
+    return line
 
 
 def gain(g) -> str:

@@ -23,8 +23,8 @@ def main(recipe, **options):
     click.echo(
         f"study {out.study}: this worker ran {out.ran} trial(s); the study has {out.total} "
         f"({out.complete} complete, {out.pruned} pruned)\n"
-        f"parent run {out.parent}; soup its children with: "
-        f"mlflow run . -e greedy_soup -P parent={out.parent} --env-manager local"
+        f"parent run {out.parent}; its trials are souped as -P soup= says (default: at the end); "
+        f"again by hand: mlflow run . -e greedy_soup -P parent={out.parent} --env-manager local"
     )
 
 

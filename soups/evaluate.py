@@ -7,12 +7,15 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from soups.data import Decoded, model_input
 from soups.logits_memo import architecture, memo_logits
+from soups.models import weights_digest
+from soups.score_book import MISS, ScoreBook, scoring_key
 
 
 @dataclass(frozen=True)
@@ -122,14 +125,17 @@ class Scorer:
         batch_size: int = 256,
         device: torch.device | str = "cpu",
         bn_images: EvalSet | None = None,
+        book: ScoreBook | None = None,
     ):
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.held_out, self.mean, self.std = held_out, mean, std
         self.batch_size, self.bn_images = batch_size, bn_images
+        self.book = book if book is not None else ScoreBook()  # scores paid for before (shared with subsets)
+        self._scoring: str | None = None
         # Shared with the scorers of subsets: [held-out images scored, training images forwarded
-        # to recompute BatchNorm statistics]; both are work the soup step did.
-        self._scored = [0, 0]
+        # to recompute BatchNorm statistics, models scored]; all work the soup step did.
+        self._scored = [0, 0, 0]
 
     @property
     def size(self) -> int:
@@ -143,11 +149,38 @@ class Scorer:
     def recalibration_images(self) -> int:
         return self._scored[1]
 
+    @property
+    def models_scored(self) -> int:
+        """Calls of `correct` that ran the model (not answered by the book)."""
+        return self._scored[2]
+
+    @property
+    def scoring(self) -> str:
+        """What decides a score here besides the weights (the book's key), computed once."""
+        if self._scoring is None:
+            bn = self.bn_images
+            device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+            self._scoring = scoring_key(
+                bn is not None,
+                architecture(self.model),
+                self.held_out.images,
+                self.held_out.labels,
+                None if bn is None else bn.images,
+                [round(float(v), 6) for v in (*self.mean, *self.std)],
+                self.batch_size,
+                device,
+                torch.__version__,
+                timm.__version__,
+            )
+        return self._scoring
+
     def subset(self, idx) -> Scorer:
         """A scorer of the same model on part of the held-out set (its counts add to this one's)."""
         idx = torch.as_tensor(idx, dtype=torch.long)
         part = EvalSet(self.held_out.images[idx], self.held_out.labels[idx], self.held_out.num_classes)
-        out = Scorer(self.model, part, self.mean, self.std, self.batch_size, self.device, self.bn_images)
+        out = Scorer(
+            self.model, part, self.mean, self.std, self.batch_size, self.device, self.bn_images, self.book
+        )
         out._scored = self._scored
         return out
 
@@ -162,17 +195,26 @@ class Scorer:
 
     @torch.inference_mode()
     def correct(self, state: dict[str, torch.Tensor], max_errors: int | None = None) -> int | None:
-        """Correct predictions on the held-out set, or None once errors exceed `max_errors`."""
+        """Correct predictions on the held-out set, or None once errors exceed `max_errors`; from
+        the book when these very weights were scored this way before."""
+        key = self.book.key(weights_digest(state), self.scoring)
+        if (known := self.book.lookup(key, self.size, max_errors)) is not MISS:
+            return known
         model = self.load(state)
-        errors = 0
+        self._scored[2] += 1
+        errors, correct = 0, len(self.held_out)
         for images, labels in self.held_out.batches(self.batch_size):
             with autocast(self.device):
                 preds = model(model_input(images.to(self.device), self.mean, self.std)).argmax(1).cpu()
             errors += int((preds != labels).sum())
             self._scored[0] += len(labels)
             if max_errors is not None and errors > max_errors:
-                return None
-        return len(self.held_out) - errors
+                correct = None
+                break
+        else:
+            correct -= errors
+        self.book.record(key, correct, max_errors)
+        return correct
 
     def logits(
         self, state: dict[str, torch.Tensor], evalset: EvalSet | None = None, recalibrate: bool = True

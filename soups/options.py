@@ -35,6 +35,12 @@ def checked(opts):
     return opts
 
 
+def cli_name(f: dataclasses.Field) -> str:
+    """The option's name on the command line and as a run param (`cli=` when the field's name
+    cannot be it, e.g. `from`, a Python keyword)."""
+    return f.metadata.get("cli", f.name)
+
+
 def params(opts) -> dict[str, Any]:
     """An options object as run params: its command-line fields, by their declared names."""
-    return {f.name: getattr(opts, f.name) for f in cli_fields(type(opts))}
+    return {cli_name(f): getattr(opts, f.name) for f in cli_fields(type(opts))}

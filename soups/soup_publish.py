@@ -40,7 +40,8 @@ def soup_note(report: SoupReport, g: Gathered, experiment_id: str) -> str:
         else f"the pretrained weights (`{g.ref.pretrained}`)"
     )
     rows = [
-        f"| {row['rank']} | {tracking.run_link(row['run_id'], g.top.info.experiment_id)} | {row['i']} | "
+        f"| {row['rank']} | {tracking.run_link(row['run_id'], g.top.info.experiment_id)}"
+        f"{' (new)' if row.get('new') and report.history.continued_from else ''} | {row['i']} | "
         f"{pct(row['val_accuracy'])} | {pct(row['soup_val_accuracy'])} | {row['status']} | {row['reason']} |"
         for row in report.table.to_dict("records")
     ]
@@ -60,6 +61,8 @@ def soup_note(report: SoupReport, g: Gathered, experiment_id: str) -> str:
             f"**{report.method} soup** ({method_.paper}) of {report.n_usable} usable ingredients, "
             f"{report.chosen.n_ingredients} kept; they started from {start}, weights "
             f"`{(tracking.start_of(g.top) or '?')[:12]}`; split `{g.splits.fingerprint}`.",
+            "",
+            history_note(report, experiment_id),
             "",
             "| rank | run | i | val | soup val after it | decision | why |",
             "| --- | --- | --- | --- | --- | --- | --- |",
@@ -92,8 +95,52 @@ def pct(x) -> str:
     return "-" if x is None or pd.isna(x) else f"{100 * x:.2f}%"
 
 
-def publish(run, report: SoupReport, g: Gathered, meta: Checkpoint, judge, name: str) -> None:
+def history_note(report: SoupReport, experiment_id: str) -> str:
+    """What this soup reused and what is new, for its description and the step's output."""
+    h = report.history
+    if h is None:
+        return ""
+    if not h.continued_from:
+        return f"Started from scratch ({h.why}): all {len(h.considered)} candidate runs considered."
+    saved = f"{h.scores_reused} held-out scores answered by the book, {h.models_scored} models scored"
+    link = tracking.run_link(h.continued_from, experiment_id, f"soup run {h.continued_from[:8]}")
+    text = (
+        f"Continued {link}: {len(h.new)} of {len(h.considered)} candidate runs are new ("
+        + (", ".join(r[:8] for r in h.new[:10]) + (" …" if len(h.new) > 10 else "") or "none")
+        + f"); {saved}. The result is what starting over gives (`-P from=none`)."
+    )
+    if h.revisited:
+        text += (
+            f" {len(h.revisited)} new run(s) rank above runs the earlier soup considered "
+            f"({', '.join(r[:8] for r in h.revisited[:5])}): the decisions after them were made again."
+        )
+    text += (
+        " (A method that ranks on part of val, as the default greedy rule does, can place new runs "
+        "above earlier ones there too; the models scored say what was made again.)"
+    )
+    return text
+
+
+def lineage_of(report: SoupReport, g: Gathered, run_id: str) -> tracking.Lineage:
+    chosen, h = report.chosen, report.history
+    return tracking.Lineage(
+        soup_run=run_id,
+        method=report.method,
+        ingredients=list(chosen.result.ingredients),
+        start=tracking.start_of(g.top) or "",
+        start_run=tracking.start_run_of(g.top) or "",
+        split=g.splits.fingerprint,
+        val_accuracy=chosen.val_accuracy,
+        test_accuracy=chosen.test_accuracy,
+        considered=h.considered,
+        new=h.new,
+        continued_from=h.continued_from,
+    )
+
+
+def publish(run, report: SoupReport, g: Gathered, meta: Checkpoint, judge, name: str, book: dict) -> None:
     run.log_soup(report)
+    run.log_soup_book(report.history.considered, report.history.continued_from, book)
     run.rename(soup_name(report))
     run.describe(soup_note(report, g, run.experiment_id))
     chosen = report.chosen
@@ -128,16 +175,7 @@ def publish(run, report: SoupReport, g: Gathered, meta: Checkpoint, judge, name:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / tracking.CHECKPOINT_FILE
         run.log_checkpoint(path, save_checkpoint(soup, path))
-        lineage = tracking.Lineage(
-            soup_run=run.id,
-            method=report.method,
-            ingredients=list(chosen.result.ingredients),
-            start=tracking.start_of(g.top) or "",
-            start_run=tracking.start_run_of(g.top) or "",
-            split=g.splits.fingerprint,
-            val_accuracy=chosen.val_accuracy,
-            test_accuracy=chosen.test_accuracy,
-        )
+        lineage = lineage_of(report, g, run.id)
         note = (
             f"{soup_name(report)} from "
             f"{tracking.run_link(run.id, run.experiment_id, 'soup run ' + run.id[:8])}: "

@@ -11,6 +11,7 @@ import torch
 
 from soups import tracking
 from soups.evaluate import EvalSet, Scorer, metrics
+from soups.models import weights_digest
 from soups.significance import Gain, paired_gain
 from soups.soup import SoupResult, StateDict
 
@@ -25,7 +26,8 @@ class Dish:
     state: StateDict | None = None
     test_correct: torch.Tensor | None = None
     error: str = ""
-    work: tuple[int, int] = (0, 0)  # (held-out images scored, BatchNorm images forwarded) to cook it
+    # (held-out images scored, BatchNorm images forwarded, models scored) to cook it
+    work: tuple[int, int, int] = (0, 0, 0)
     test_gain: Gain | None = None  # over the best ingredient, same test images, same treatment
 
     @property
@@ -61,6 +63,31 @@ def accuracy_of(correct: torch.Tensor | None) -> float | None:
 
 
 @dataclass
+class History:
+    """Which soup this one continued (none: `why` says why it started over), every candidate run
+    it considered in rank order, the new ones among them, and what the reused scores saved."""
+
+    continued_from: str
+    why: str
+    considered: list[str]
+    new: list[str]
+    revisited: list[str]  # new runs ranked above runs the earlier soup considered
+    scores_reused: int
+    models_scored: int
+
+
+def history_of(earlier, runs: list, scorer: Scorer) -> History:
+    considered = [r.info.run_id for r in runs]
+    before = set(earlier.considered) if earlier.run_id else set()
+    last_old = max((i for i, r in enumerate(considered) if r in before), default=-1)
+    new = [r for r in considered if r not in before]
+    revisited = [r for r in new if considered.index(r) < last_old]
+    return History(
+        earlier.run_id, earlier.why, considered, new, revisited, scorer.book.reused, scorer.models_scored
+    )
+
+
+@dataclass
 class SoupReport:
     run_id: str
     method: str
@@ -76,10 +103,16 @@ class SoupReport:
     table: pd.DataFrame
     treatment: str = ""  # how every model was scored: BatchNorm statistics recomputed, or as trained
     registry: str = ""
+    history: History | None = None
 
     @property
     def chosen(self) -> Dish:
         return self.dishes[0]
+
+    def add_history(self, history: History) -> None:
+        """What this soup continued; the table marks the runs new to it."""
+        self.history = history
+        self.table["new"] = self.table.run_id.isin(history.new)
 
     @property
     def best_val_accuracy(self) -> float:
@@ -97,7 +130,11 @@ def shipped(
     the training images when the step recomputes them, single models too), and which test images
     it gets right."""
     if recal:
+        raw = state
         state = {k: v.detach().clone() for k, v in scorer.load(state).state_dict().items()}
+        # Recomputing BatchNorm statistics of these weights gives the same model again: every
+        # score the book holds for the raw weights holds for them (a champion scored later).
+        scorer.book.alias(weights_digest(state), weights_digest(raw))
     if test is None:
         return state, None
     return state, scorer.logits(state, test, recalibrate=False).argmax(1) == test.labels

@@ -18,10 +18,11 @@ from soups.models import create_model, load_checkpoint, normalisation
 from soups.options import checked, option
 from soups.recipe import Recipe, registered_name
 from soups.run_notes import data_parts, rebuilt
+from soups.score_book import ScoreBook
 from soups.soup import METHODS, Kitchen, method
 from soups.soup_ingredients import Ingredients, held_out_sets, start_weights
 from soups.soup_publish import BASELINE, publish
-from soups.soup_report import Dish, SoupReport, assemble, best_ingredient, shipped
+from soups.soup_report import Dish, SoupReport, assemble, best_ingredient, history_of, shipped
 
 log = logging.getLogger(__name__)
 BN_MODES = ("auto", "on", "off")
@@ -52,6 +53,15 @@ class SoupOptions:
     filter: str = option("", "Extra MLflow search clause, e.g. \"params.model = 'x'\".")
     parent: str = option("", "Only the child runs of this (sweep) run id.")
     source: str = option("", "Experiment to take ingredients from (default: the soup run's own).")
+    continue_from: str = option(
+        "auto",
+        "The soup this one continues: its held-out scores are reused, only candidate soups it never "
+        "scored are scored, and the result is what starting over gives (greedy continues; uniform "
+        "joins the new runs to its mean, scored once; wise_ft, model_stock and learned recompute). "
+        "auto: the registered model's champion when it was made on this split from this start; "
+        "none: start over; models:/<name>@<alias>, models:/<name>/<version> or a soup run id.",
+        cli="from",
+    )
     method_params: dict = field(default_factory=dict)  # any registered method's parameters, by name
 
     def methods(self) -> list[str]:
@@ -102,7 +112,7 @@ def cook_all(opts: SoupOptions, kitchen_for, scorer: Scorer, recal: bool, test: 
     cannot cook is reported with its reason; the chosen one failing fails the step."""
     dishes = []
     for name in opts.methods():
-        before = (scorer.images_scored, scorer.recalibration_images)
+        before = (scorer.images_scored, scorer.recalibration_images, scorer.models_scored)
         try:
             result = METHODS[name](kitchen_for(), **opts.method_params)
         except SoupsError as e:
@@ -110,7 +120,11 @@ def cook_all(opts: SoupOptions, kitchen_for, scorer: Scorer, recal: bool, test: 
                 raise
             dishes.append(Dish(name, None, error=" ".join(str(e).split())))
             continue
-        work = (scorer.images_scored - before[0], scorer.recalibration_images - before[1])
+        work = (
+            scorer.images_scored - before[0],
+            scorer.recalibration_images - before[1],
+            scorer.models_scored - before[2],
+        )
         state, correct = shipped(result.state_dict, scorer, recal, test)
         dishes.append(Dish(name, result, state, correct, work=work))
         log.info("%s soup: val %.4f, %d ingredient(s)", name, result.accuracy, len(result.ingredients))
@@ -138,13 +152,20 @@ def make_soup(
     with tracking.start_step("soup", recipe, f"{opts.method} soup") as run:
         g = gather(run, recipe, given, opts, split)
         run.log_split(g.splits.fingerprint)
+        run.log_start(tracking.start_of(g.top) or "", tracking.start_run_of(g.top) or "")
         run.log_datasets(data_parts(g.ref, g.splits, ("validation", "test")))
+        name = registered_model or registered_name(
+            dataclasses.replace(g.ref, registered_model=recipe.registered_model)
+        )
+        earlier = tracking.earlier_soup(opts.continue_from, name, split, tracking.start_of(g.top) or "")
+        log.info("%s", f"continuing soup run {earlier.run_id}" if earlier.run_id else earlier.why)
         num_classes = tracking.classes_of(g.top)
         model = create_model(g.ref.model, num_classes)
         mean, std = normalisation(model)
         recal = opts.bn_recalibrate == "on" or (opts.bn_recalibrate == "auto" and has_batchnorm(model))
         val, test, bn = held_out_sets(g.splits, g.ref, num_classes, opts.bn_images if recal else None)
-        scorer = Scorer(model, val, mean, std, 2 * g.ref.batch_size, default_device(), bn)
+        book = ScoreBook.from_json(earlier.book)
+        scorer = Scorer(model, val, mean, std, 2 * g.ref.batch_size, default_device(), bn, book)
         ingredients = Ingredients(g.runs, g.top)
         start = functools.cache(lambda: start_weights(g.top, g.ref, num_classes))
         log.info("%s soup over %d candidate runs, held-out %d images", opts.method, len(g.runs), len(val))
@@ -152,13 +173,11 @@ def make_soup(
         best = best_ingredient(dishes[0].result, ingredients, g.runs, scorer, recal, test)
         params = {**options.params(opts), **params}
         report = assemble(run.id, g.runs, params, dishes, best, ingredients, scorer, test)
-        name = registered_model or registered_name(
-            dataclasses.replace(g.ref, registered_model=recipe.registered_model)
-        )
+        report.add_history(history_of(earlier, g.runs, scorer))
         # Scored when this soup's turn to be compared comes (tracking.promote): by then another
         # soup step may have moved the alias.
         judge = functools.partial(champion_score, name, g.splits.fingerprint, dishes[0], scorer)
-        publish(run, report, g, ingredients.meta, judge, name)
+        publish(run, report, g, ingredients.meta, judge, name, book.to_json())
     return report
 
 

@@ -21,7 +21,9 @@ from soups import SoupsError, Stopped, data, options, tracking
 from soups.finetune import finetune, make_start
 from soups.options import checked, option
 from soups.recipe import Recipe, load_recipe
+from soups.soup_step import SoupOptions, make_soup
 from soups.starts import auto_start, start_recipe
+from soups.sweep_soups import SoupJob, due, finish, request, soup_every
 from soups.sweep_study import (
     RUN_ATTR,
     DrawSampler,
@@ -71,6 +73,13 @@ class SweepOptions:
         60,
         "Seconds between a worker's heartbeats; a trial silent for twice that (its worker was killed) "
         "is failed, its run marked FAILED, and retried once by the next worker.",
+    )
+    soup: str = option(
+        "end",
+        "Soup the sweep's trials into the registered model: end (when the last trial finishes), "
+        "every:K (also after every K completed, not pruned, trials: the champion follows the sweep; "
+        "one worker soups at a time, in the background, and each soup continues the previous one), "
+        "none.",
     )
     wait_s: float = 300.0  # how long a worker waits for the study's creator to name the parent run
 
@@ -133,6 +142,7 @@ def sweep(recipe_path: str, recipe: Recipe, given: dict, opts: SweepOptions) -> 
     """Run this worker's share of the study's trials; the last worker to finish writes the study's
     summary into the parent run. Returns what to print."""
     checked(opts)
+    every = soup_every(opts.soup)
     if opts.trials < 1:
         raise SoupsError(f"trials={opts.trials} must be >= 1")
     space = {k: v for k, v in recipe.space.items() if k not in given}  # explicit values stay fixed
@@ -163,19 +173,35 @@ def sweep(recipe_path: str, recipe: Recipe, given: dict, opts: SweepOptions) -> 
             tracking.mark_sweep_worker(own_run, parent.id)
     given = {**given, "start": start}
     experiment = tracking.experiment_name(experiment_id)
-    dists, done = distributions(space), 0
+    dists, done, soups = distributions(space), 0, []
+    job = SoupJob(storage_url, name, partial(sweep_soup, recipe_path, given, parent.id, experiment))
     while (trial := claim(study, storage)) is not None:
         log.info("trial %d of study %s", trial.number, name)
         with heartbeat(storage, trial._trial_id, opts.heartbeat):
             run_trial(study, trial, recipe_path, given, dists, parent, experiment)
         done += 1
+        if every and (covers := due(study, every, ended=False)):
+            request(study, storage, job, covers, soups)
     states = [t.state for t in study.get_trials(deepcopy=False)]
-    if not any(s in (TrialState.WAITING, TrialState.RUNNING) for s in states):
+    ended = not any(s in (TrialState.WAITING, TrialState.RUNNING) for s in states)
+    if ended:
         summarise(study, parent)  # every worker that sees the study complete does it: idempotent
+        if done and (covers := due(study, every, ended=True)):
+            request(study, storage, job, covers, soups)
+    finish(study, storage, job, soups, ended and bool(done))  # this worker ends when its soups have
     count = lambda state: sum(s == state for s in states)  # noqa: E731
     return SweepResult(
         name, parent.id, done, created, count(TrialState.COMPLETE), count(TrialState.PRUNED), len(states)
     )
+
+
+def sweep_soup(recipe_path: str, given: dict, parent: str, experiment: str, continue_from: str):
+    """One soup of the sweep's completed trials, continuing `continue_from` (the background
+    process of `sweep_soups`). Returns its run id and a line to log."""
+    recipe = load_recipe(recipe_path, {**given, "experiment": experiment})
+    data_options = {k: given[k] for k in ("data", "layout") if k in given}
+    report = make_soup(recipe, data_options, SoupOptions(parent=parent, continue_from=continue_from))
+    return report.run_id, f"soup run {report.run_id} of {len(report.table)} trial runs; {report.registry}"
 
 
 def sampler_for(name: str, space: dict) -> optuna.samplers.BaseSampler:

@@ -203,7 +203,9 @@ def test_a_sweep_resolves_start_auto_once_for_every_trial(recipe_path, tracking_
         return run_id
 
     monkeypatch.setattr(sweep_step, "finetune", trial_then_a_new_start)
-    opts = sweep_step.SweepOptions(trials=2, pruner="none", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    opts = sweep_step.SweepOptions(
+        trials=2, pruner="none", soup="none", storage=f"sqlite:///{tmp_path / 'optuna.db'}"
+    )
     out = sweep_step.sweep(
         str(recipe_path), load_recipe(recipe_path, {"start": "auto"}), {"start": "auto"}, opts
     )
@@ -326,7 +328,9 @@ def test_a_sweep_into_an_empty_store_makes_its_start_first(recipe_path, tracking
     from soups import sweep_step
 
     monkeypatch.setenv("SOUPS_CACHE", str(tmp_path / "cache"))
-    opts = sweep_step.SweepOptions(trials=2, pruner="none", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    opts = sweep_step.SweepOptions(
+        trials=2, pruner="none", soup="none", storage=f"sqlite:///{tmp_path / 'optuna.db'}"
+    )
     out = sweep_step.sweep(
         str(recipe_path), load_recipe(recipe_path, {"start": "auto"}), {"start": "auto"}, opts
     )

@@ -1,6 +1,7 @@
 """sweep: Optuna trials as nested ingredient runs, shared by several worker processes through a
 real `mlflow server` and a real PostgreSQL."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import mlflow
 import optuna
 import pytest
 
-from soups.recipe import draw, load_recipe
+from soups.recipe import draw, load_recipe, registered_name
 from soups.sweep_study import DrawSampler, distributions, suggest
 from tests.conftest import ROOT, TINY, all_at_once, mlflow_server, postgres_server, write_recipe
 
@@ -34,7 +35,7 @@ def test_random_sampler_draws_what_finetune_draws_for_the_same_index():
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, mask_root):
-    """3 workers, 6 trials, one server, one PostgreSQL study."""
+    """3 workers, 6 trials, one server, one PostgreSQL study, a soup after every 2 finished trials."""
     work = tmp_path_factory.mktemp("sweep")
     recipe = write_recipe(
         work / "tiny.yaml",
@@ -60,6 +61,8 @@ def swept(tmp_path_factory, mask_root):
             "shared",
             "--pruner",
             "none",
+            "--soup",
+            "every:2",
         ]
         outs = all_at_once([worker] * 3, env, cwd=ROOT)
         yield dict(uri=uri, storage=storage, outs=outs, work=work, recipe=recipe, env=env)
@@ -79,7 +82,8 @@ def test_three_workers_run_exactly_the_requested_trials_under_one_parent(swept):
     assert len(parents) == 1 and parents[0].info.experiment_id == exp.experiment_id
     parent = parents[0]
     children = [r for r in everything if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 6 and len(everything) == 7, "nothing filed elsewhere, no stray runs"
+    soups = [r for r in everything if r.data.tags.get("soups.role") == "soup"]
+    assert len(children) == 6 and len(everything) == 7 + len(soups), "nothing filed elsewhere, no stray runs"
     assert all(r.info.experiment_id == exp.experiment_id and r.info.status == "FINISHED" for r in children)
     assert sorted(int(r.data.tags["optuna_trial"]) for r in children) == list(range(6))
     by_trial = {t.number: t for t in trials}
@@ -100,6 +104,34 @@ def test_three_workers_run_exactly_the_requested_trials_under_one_parent(swept):
     assert "best_val_accuracy" in parent.data.metrics and "best_trial_run_id" in parent.data.tags
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
     assert "optuna/optimization_history.html" in plots
+
+
+def test_the_champion_follows_the_sweep_one_soup_at_a_time(swept):
+    client = mlflow.MlflowClient(swept["uri"])
+    exp = client.get_experiment_by_name("sweepexp").experiment_id
+    children = {r.info.run_id for r in client.search_runs([exp], "tags.`soups.role` = 'ingredient'")}
+    soups = client.search_runs([exp], "tags.`soups.role` = 'soup'", order_by=["attributes.start_time ASC"])
+    assert 1 <= len(soups) <= 3 and all(s.info.status == "FINISHED" for s in soups)
+    for earlier, later in zip(soups, soups[1:], strict=False):
+        assert earlier.info.end_time <= later.info.start_time, "two soups of the sweep at once"
+        assert later.data.tags["soups.continued_from"], "a later soup continues the champion"
+    # the last soup covers every trial: the champion follows the sweep to its end
+    book = json.loads(
+        Path(
+            client.download_artifacts(soups[-1].info.run_id, "soup_book.json", str(swept["work"]))
+        ).read_text()
+    )
+    assert set(book["considered"]) == children
+    name = registered_name(load_recipe(swept["recipe"]))
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.run_id in {s.info.run_id for s in soups}
+    for tag in ("soups.ingredients", "soups.considered"):
+        assert set(champion.tags[tag].split(",")) <= children, tag
+    assert set(champion.tags["soups.new_runs"].split(",")) <= set(
+        champion.tags["soups.considered"].split(",")
+    )
+    logs = "".join(err for _, err in swept["outs"])
+    assert "souping the sweep's" in logs and "sweep soup: soup run" in logs
 
 
 def test_rerunning_the_study_continues_it_and_repeats_nothing(swept):

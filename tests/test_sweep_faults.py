@@ -46,6 +46,8 @@ def worker(setup, *extra):
         setup["storage"],
         "--pruner",
         "none",
+        "--soup",
+        "none",  # these tests are about the trials; tests/test_sweep.py has the sweep's soups
         *extra,
     ]
 

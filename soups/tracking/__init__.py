@@ -10,6 +10,7 @@ steps share (params, metrics, tags, artifact paths). Nothing else in soups impor
 - `sweeps`: a sweep's parent run, its setup, best trial and plots
 - `resume`: a run's training state kept and the run reopened in place
 - `start_claims`: `start: auto` as find or make, one start however many processes arrive at once
+- `soup_history`: the earlier soup a soup step continues, its runs and scores
 - `registry`: registering a soup with its lineage, its signature and requirements
 - `promotion`: the `champion` alias read, and promotions that take turns
 - `served_model`: the soup as `mlflow models serve` runs it
@@ -84,6 +85,7 @@ from soups.tracking.server import (  # noqa: F401
     raising_unreachable,
     without_password,
 )
+from soups.tracking.soup_history import Earlier, earlier_soup  # noqa: F401
 from soups.tracking.start_claims import (  # noqa: F401
     StartAction,
     TakenOver,

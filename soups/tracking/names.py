@@ -19,6 +19,7 @@ CHECKPOINT_FILE = "model.pt"  # what a checkpoint file is called, before and aft
 CHECKPOINT = f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}"
 RECIPE = "recipe.yaml"
 INGREDIENTS = "ingredients.csv"
+SOUP_BOOK = "soup_book.json"  # a soup's runs considered and held-out scores, for a soup that continues it
 SOUP_CURVE = "soup_curve.png"  # the chosen method's curve (greedy: val accuracy after k candidates)
 VAL_VS_TEST = "val_vs_test.png"
 SCORES = "scores.csv"
@@ -56,6 +57,9 @@ def gallery_figure(run_id: str) -> str:
 SOUP_RUN = "soups.soup_run"
 METHOD = "soups.method"
 INGREDIENT_RUNS = "soups.ingredients"
+CONSIDERED_RUNS = "soups.considered"  # every candidate run the soup looked at, in rank order
+NEW_RUNS = "soups.new_runs"  # those the soup it continued had not considered (all, when it started over)
+CONTINUED_FROM = "soups.continued_from"  # also on the soup run: the soup run it continued ("" none)
 TEST_METRIC = "test_accuracy"
 # Marks on runs that are not ingredients
 SWEEP_PARENT = "soups.sweep_parent"  # on another worker's own `mlflow run` run

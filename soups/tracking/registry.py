@@ -7,7 +7,7 @@ import base64
 import importlib.metadata
 import io
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -22,10 +22,14 @@ from PIL import Image
 from soups import SoupsError
 from soups.tracking.names import (
     CHAMPION,
+    CONSIDERED_RUNS,
+    CONTINUED_FROM,
     INGREDIENT_RUNS,
+    INGREDIENTS,
     MAX_NOTE_LENGTH,
     METHOD,
     MODEL_NAME,
+    NEW_RUNS,
     PENDING,
     PROMOTION,
     RANK_METRIC,
@@ -51,18 +55,36 @@ class Lineage:
     split: str
     val_accuracy: float
     test_accuracy: float | None
+    considered: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
+    continued_from: str = ""
 
     def tags(self) -> dict[str, str]:
         return {
             SOUP_RUN: self.soup_run,
             METHOD: self.method,
-            INGREDIENT_RUNS: ",".join(self.ingredients),
+            INGREDIENT_RUNS: run_list(self.ingredients),
+            CONSIDERED_RUNS: run_list(self.considered),
+            NEW_RUNS: run_list(self.new),
+            CONTINUED_FROM: self.continued_from,
             START: self.start,
             START_RUN: self.start_run,
             SPLIT: self.split,
             RANK_METRIC: f"{self.val_accuracy:.4f}",
             TEST_METRIC: "" if self.test_accuracy is None else f"{self.test_accuracy:.4f}",
         }
+
+
+def run_list(run_ids: list[str], limit: int = MAX_NOTE_LENGTH) -> str:
+    """Run ids comma-separated, whole ids only: past `limit` characters the rest is counted."""
+    whole = ",".join(run_ids)
+    if len(whole) <= limit:
+        return whole
+    kept: list[str] = []
+    more = lambda n: f",+{n} more (the soup run's {INGREDIENTS})"  # noqa: E731
+    while len(",".join([*kept, run_ids[len(kept)]])) + len(more(len(run_ids) - len(kept) - 1)) <= limit:
+        kept.append(run_ids[len(kept)])
+    return ",".join(kept) + more(len(run_ids) - len(kept))
 
 
 # What the served model imports (soups' own code travels with it as code), pinned to the versions

@@ -21,6 +21,7 @@ from soups.tracking.names import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
     CLASSES_PARAM,
+    CONTINUED_FROM,
     INGREDIENTS,
     MAX_NOTE_LENGTH,
     MAX_PARAM_LENGTH,
@@ -31,6 +32,7 @@ from soups.tracking.names import (
     RECIPE,
     SHA256,
     SKIPPED,
+    SOUP_BOOK,
     SOUP_STEP_METRIC,
     SPLIT,
     START,
@@ -221,6 +223,9 @@ class Run:
             "held_out_images_full_evaluation": soup.images_full,
             "bn_recalibration_images": soup.recalibration_images,
             "checkpoints_downloaded": soup.downloaded,
+            "models_scored": soup.history.models_scored if soup.history else None,
+            "scores_reused": soup.history.scores_reused if soup.history else None,
+            "new_candidates": len(soup.history.new) if soup.history else None,
             **{f"{chosen.method}_{k}": v for k, v in chosen.result.details.items()},
         }
         for dish in soup.dishes[1:]:
@@ -237,6 +242,12 @@ class Run:
         for x, correct in chosen.result.curve:
             self.log_metrics({SOUP_STEP_METRIC: correct / chosen.result.held_out}, step=x)
         self.log_table(soup.table, INGREDIENTS)
+
+    def log_soup_book(self, considered: list[str], continued_from: str, book: dict) -> None:
+        """What a later soup needs to continue this one: the runs considered, the scores paid for."""
+        self.set_tags({CONTINUED_FROM: continued_from})
+        doc = {"considered": considered, "continued_from": continued_from, "book": book}
+        self.client.log_dict(self.id, doc, SOUP_BOOK)
 
     def log_predictions(self, frame, unreadable: list[str]) -> None:
         """The submission table and the images that could not be read."""
