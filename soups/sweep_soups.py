@@ -73,7 +73,10 @@ def request(study: optuna.Study, storage, job: SoupJob, covers: int, started: li
     study.set_user_attr(PENDING_ATTR, True)
     lock = take_lock(storage, job.study)
     if lock is None:
-        log.info("another worker soups now; it soups again for the %d completed trials", covers)
+        log.info(
+            "a soup is under way (this or another worker's): it soups again for the %d completed trials",
+            covers,
+        )
         return
     proc = multiprocessing.get_context("spawn").Process(target=serve, args=(job, lock), name="sweep-soup")
     proc.start()
