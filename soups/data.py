@@ -13,7 +13,7 @@ import logging
 import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,50 +21,10 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from soups import SoupsError
+from soups import SoupsError, layouts
+from soups.samples import Samples, data_root  # noqa: F401  (data.Samples, data.data_root: the library's names)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Samples:
-    """Images of one dataset part. `keys` identify each image stably (a path relative to `root`,
-    or `<file>:<row>` for array datasets); `groups` keep related images in the same split."""
-
-    keys: list[str]
-    labels: np.ndarray
-    groups: list[str]
-    classes: list[str]
-    root: Path
-    pixels: np.ndarray | None = None  # in-memory images (IDX files), indexed by `rows`
-    rows: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def subset(self, idx: Sequence[int] | np.ndarray) -> Samples:
-        idx = np.asarray(idx, dtype=np.int64)
-        return replace(
-            self,
-            keys=[self.keys[j] for j in idx],
-            labels=self.labels[idx],
-            groups=[self.groups[j] for j in idx],
-            rows=None if self.rows is None else self.rows[idx],
-        )
-
-    def path(self, j: int) -> Path:
-        return self.root / self.keys[j]
-
-    def read(self, j: int) -> Image.Image:
-        """Decode image j as RGB, or raise SoupsError naming the file."""
-        if self.pixels is not None:
-            return Image.fromarray(self.pixels[self.rows[j]]).convert("RGB")
-        path = self.path(j)
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")  # convert() forces a full decode: truncation shows here
-        except Exception as e:  # PIL raises several types for corrupt files
-            raise SoupsError(f"cannot read image {path}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -74,17 +34,6 @@ class Splits:
     test: Samples
     fingerprint: str  # of the held-out file lists: ingredients of one soup must share it
     relabelled: tuple = ()  # (key, old label, new label) of every corrected image
-
-
-def data_root(data: str | Path) -> Path:
-    root = Path(data).expanduser()
-    if not str(data) or not root.is_dir():
-        raise SoupsError(
-            f"data folder {str(data)!r} not found: for the demo's Fashion-MNIST run `make data` "
-            "(installs Debian's dataset-fashion-mnist there); for your own images pass -P data=<folder> "
-            "(one sub-folder per class: -P layout=imagefolder; README: Your own data)"
-        )
-    return root
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,8 +130,6 @@ def make_splits(
 
 
 def load_splits(recipe) -> Splits:
-    from soups import layouts  # the layouts build on this module
-
     options = {k: getattr(recipe, k) for k in layouts.option_names()}
     parts = layouts.read_layout(recipe.layout, recipe.data, **options)
     return make_splits(

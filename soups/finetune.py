@@ -20,8 +20,8 @@ from soups.evaluate import EvalSet, attribute_accuracy, default_device
 from soups.losses import objective
 from soups.models import Checkpoint, create_model, keep_locally, normalisation, save_checkpoint
 from soups.options import option
-from soups.recipe import Recipe, from_params, params, to_yaml
-from soups.run_notes import data_parts, run_name, training_note
+from soups.recipe import Recipe, from_params, params, run_name, to_yaml
+from soups.run_notes import data_parts, training_note
 from soups.starts import auto_start, freeze_all_but_head, initial_model, start_recipe
 from soups.train import TrainConfig, fit
 

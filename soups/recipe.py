@@ -212,6 +212,13 @@ def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None
     return Recipe(**{**values, **draw(space, i), **given})
 
 
+def run_name(role: str, recipe: Recipe) -> str:
+    """`finetune i=3 lr=1.2e-03`, `start ft 3 ep`: what a person looks for in the runs table."""
+    if role == "start":
+        return f"start {'ft' if recipe.start_mode == 'finetune' else 'probe'} {recipe.epochs} ep"
+    return f"finetune i={recipe.i} lr={recipe.lr:.1e}"
+
+
 def registered_name(recipe: Recipe) -> str:
     """The registry name of a recipe's soups: its own, else `<data folder name>-soup`, so that a
     recipe pointed at other data never writes into the demo's model."""

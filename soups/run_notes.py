@@ -12,13 +12,6 @@ if TYPE_CHECKING:
     from soups.starts import Start
 
 
-def run_name(role: str, recipe: Recipe) -> str:
-    """`finetune i=3 lr=1.2e-03`, `start ft 3 ep`: what a person looks for in the runs table."""
-    if role == "start":
-        return f"start {'ft' if recipe.start_mode == 'finetune' else 'probe'} {recipe.epochs} ep"
-    return f"finetune i={recipe.i} lr={recipe.lr:.1e}"
-
-
 CONTEXT_SPLIT = {"training": "train", "validation": "val", "test": "test"}
 
 

@@ -4,6 +4,7 @@ images every candidate is scored on."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -13,6 +14,17 @@ from soups.evaluate import EvalSet
 from soups.models import Checkpoint, create_model, load_checkpoint, weights_digest
 from soups.recipe import Recipe
 from soups.soup import Candidate, StateDict
+
+
+@dataclass
+class Gathered:
+    """The ranked candidate runs of a soup step, the top one on the recipe's split, that split."""
+
+    runs: list
+    top: object
+    ref: Recipe  # the top run's recipe, rebuilt from its params
+    splits: data.Splits
+    filter: str
 
 
 def incompatible(run, top) -> str | None:

@@ -6,20 +6,16 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from soups import plots, tracking
 from soups.models import Checkpoint, save_checkpoint
 from soups.soup import METHODS
-
-if TYPE_CHECKING:
-    from soups.soup_report import SoupReport
-    from soups.soup_step import Gathered
+from soups.soup_ingredients import Gathered
+from soups.soup_report import BASELINE, SoupReport
 
 log = logging.getLogger(__name__)
-BASELINE = "uniform"  # always reported beside the chosen method
 
 
 def soup_name(report: SoupReport) -> str:

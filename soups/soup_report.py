@@ -15,6 +15,8 @@ from soups.models import weights_digest
 from soups.significance import Gain, paired_gain
 from soups.soup import SoupResult, StateDict
 
+BASELINE = "uniform"  # always reported beside the chosen method
+
 
 @dataclass
 class Dish:

@@ -20,9 +20,9 @@ from soups.recipe import Recipe, registered_name
 from soups.run_notes import data_parts, rebuilt
 from soups.score_book import ScoreBook
 from soups.soup import METHODS, Kitchen, method
-from soups.soup_ingredients import Ingredients, held_out_sets, start_weights
-from soups.soup_publish import BASELINE, publish
-from soups.soup_report import Dish, SoupReport, assemble, best_ingredient, history_of, shipped
+from soups.soup_ingredients import Gathered, Ingredients, held_out_sets, start_weights
+from soups.soup_publish import publish
+from soups.soup_report import BASELINE, Dish, SoupReport, assemble, best_ingredient, history_of, shipped
 
 log = logging.getLogger(__name__)
 BN_MODES = ("auto", "on", "off")
@@ -73,15 +73,6 @@ class SoupOptions:
         for name in filter(None, names):
             method(name)
         return list(dict.fromkeys([self.method, BASELINE, *filter(None, names)]))
-
-
-@dataclass
-class Gathered:
-    runs: list
-    top: object
-    ref: Recipe
-    splits: data.Splits
-    filter: str
 
 
 def gather(run: tracking.Run, recipe: Recipe, given: dict, opts: SoupOptions, split: str) -> Gathered:

@@ -14,8 +14,7 @@ from torch import nn
 
 from soups import SoupsError, data, distributed, tracking
 from soups.models import create_model, head_keys, load_checkpoint, load_start, weights_digest
-from soups.recipe import Recipe, draw
-from soups.run_notes import run_name
+from soups.recipe import Recipe, draw, run_name
 
 log = logging.getLogger(__name__)
 POLL_S = 5.0  # how often a member waiting for another process's start asks whether it is done

@@ -106,3 +106,66 @@ def test_modules_and_functions_stay_small(path):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             length = node.end_lineno - node.lineno + 1
             assert length <= MAX_FUNCTION_LINES, f"{rel(path)}:{node.lineno} {node.name} has {length} lines"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+SOUPS_MODULES = {module_name(p): p for p in (ROOT / "soups").rglob("*.py")}
+
+
+def soups_imports(path: Path) -> set[str]:
+    """The soups modules `path` imports, wherever the import stands (a function's body, a
+    TYPE_CHECKING block): `from soups.x import name` is an arrow to soups.x, `from soups.x import
+    submodule` to the submodule."""
+    out = set()
+    for node in ast.walk(tree(path)):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                out.add(sub if sub in SOUPS_MODULES else node.module)
+    return {m for m in out if m in SOUPS_MODULES and m != module_name(path)}
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = stack[stack.index(v) :]
+            del stack[stack.index(v) :]
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_no_import_cycle_in_soups():
+    """What two modules share lives below both (docs/ARCHITECTURE.md): a loop means neither can be
+    read, tested or moved without the other."""
+    graph = {m: soups_imports(p) for m, p in SOUPS_MODULES.items()}
+    assert import_cycles(graph) == []
+
+
+def test_the_cycle_check_finds_a_loop():
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from soups import SoupsError
-from soups.data import Samples
-from soups.layouts import Layout, register
 from soups.layouts.files import IMAGE_EXTS, inside
+from soups.layouts.registry import Layout, register
+from soups.samples import Samples
 
 FILE = "labels.csv"
 SPLITS = ("train", "val", "test")

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from soups import SoupsError
-from soups.data import Samples
-from soups.layouts import Layout, register
+from soups.layouts.registry import Layout, register
+from soups.samples import Samples
 
 CLASSES = [
     "T-shirt/top",

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from soups import SoupsError
-from soups.data import Samples
+from soups.samples import Samples
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from soups.data import Samples
-from soups.layouts import Layout, register
 from soups.layouts.files import class_folders
+from soups.layouts.registry import Layout, register
+from soups.samples import Samples
 
 
 def read(root: Path) -> dict[str, Samples | None]:

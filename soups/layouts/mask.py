@@ -16,9 +16,9 @@ import pandas as pd
 import yaml
 
 from soups import SoupsError
-from soups.data import Samples
-from soups.layouts import Attributes, Layout, register
 from soups.layouts.files import IMAGE_EXTS, inside
+from soups.layouts.registry import Attributes, Layout, register
+from soups.samples import Samples
 
 log = logging.getLogger(__name__)
 

@@ -3,6 +3,7 @@ steps share (params, metrics, tags, artifact paths). Nothing else in soups impor
 
 - `names`: every tag, param, metric and artifact name, defined once
 - `server`: which server, whether it answers, one-line errors, safe search literals
+- `liveness`: a training run's heartbeat, and telling a live run from a dead one
 - `lifecycle`: experiments (ensured), a run's start, name, description and end
 - `runs`: one run and what the steps log into it
 - `search`: finding and reading runs (never changes one)
@@ -29,7 +30,6 @@ from soups.tracking.lifecycle import (  # noqa: F401
     flag_project_run,
     generated_name,
     heartbeat,
-    run_link,
     start,
     start_step,
     step_experiment,

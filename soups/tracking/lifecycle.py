@@ -16,6 +16,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from soups import SoupsError, Stopped
+from soups.tracking.liveness import heartbeat_interval
 from soups.tracking.names import (
     EXPERIMENT_KIND,
     HEARTBEAT,
@@ -25,32 +26,11 @@ from soups.tracking.names import (
     ROLE,
     STOPPED,
 )
+from soups.tracking.resume import reopen
 from soups.tracking.runs import Run
 from soups.tracking.server import checked_run_id, configure, is_conflict, shown
 
 log = logging.getLogger(__name__)
-HEARTBEAT_S = 30.0  # how often a training run says its process is alive (start_claims.STALE_S)
-HEARTBEAT_ENV = "SOUPS_HEARTBEAT_S"  # overrides it (tests; a team whose runs must resume sooner)
-LIVE_BEATS = 3  # a RUNNING run that beat within this many of its intervals may still be alive
-
-
-def heartbeat_interval() -> float:
-    return float(os.environ.get(HEARTBEAT_ENV) or HEARTBEAT_S)
-
-
-def signs_of_life(run) -> tuple[float, float] | None:
-    """(seconds since its last beat, seconds until it counts as dead) of a run whose process may
-    still be alive (RUNNING, or ended and being resumed), or None when its beats stopped long
-    enough ago (LIVE_BEATS of its own interval)."""
-    beat = run.data.tags.get(HEARTBEAT)
-    ended = (run.info.end_time or 0) / 1000
-    # A beat after the run ended is a resuming process's, before it reopens the run (the beat and
-    # the end time come from two machines' clocks: assumed in sync, as below).
-    if beat is None or (run.info.status != "RUNNING" and float(beat) <= ended):
-        return None
-    every = float(run.data.tags.get(HEARTBEAT_EVERY, HEARTBEAT_S))
-    age = max(0.0, time.time() - float(beat))  # wall clocks of two machines: assumed in sync (NTP)
-    return (age, LIVE_BEATS * every - age) if age < LIVE_BEATS * every else None
 
 
 def ensure_experiment(name: str) -> str:
@@ -97,8 +77,6 @@ def start(
     run_id = claimed or (None if parent else os.environ.get("MLFLOW_RUN_ID"))
     kw = {"log_system_metrics": True} if system_metrics else {}
     if resume:
-        from soups.tracking.resume import reopen
-
         active, run_id, name = reopen(resume, **kw), resume, ""
     elif run_id:  # under `mlflow run`: never set_experiment here, it raises
         active = mlflow.start_run(run_id=run_id, **kw)
@@ -224,11 +202,6 @@ def generated_name(name: str | None) -> bool:
     except ImportError:  # the word lists moved: fall back to the shape alone
         return parts[0].isalpha() and parts[1].isalpha()
     return parts[0] in _GENERATOR_PREDICATES and parts[1] in _GENERATOR_NOUNS
-
-
-def run_link(run_id: str, experiment_id: str, label: str = "") -> str:
-    """A Markdown link to a run's page, as the UI resolves it from a description."""
-    return f"[{label or run_id[:8]}](#/experiments/{experiment_id}/runs/{run_id})"
 
 
 def _end(status: str, tags: dict | None = None) -> None:

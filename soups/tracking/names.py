@@ -45,6 +45,11 @@ MAX_PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
 MAX_PARAM_LENGTH = 6000
 
 
+def run_link(run_id: str, experiment_id: str, label: str = "") -> str:
+    """A Markdown link to a run's page, as the UI resolves it from a description."""
+    return f"[{label or run_id[:8]}](#/experiments/{experiment_id}/runs/{run_id})"
+
+
 def confusion_figure(run_id: str) -> str:
     return f"confusion/{run_id}.png"
 

@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from soups import SoupsError
-from soups.tracking.lifecycle import heartbeat_interval, run_link, signs_of_life
+from soups.tracking.liveness import heartbeat_interval, signs_of_life
 from soups.tracking.names import (
     HEARTBEAT,
     HEARTBEAT_EVERY,
@@ -28,6 +28,7 @@ from soups.tracking.names import (
     STATE_EPOCH,
     STOPPED,
     TRAINING_STATE,
+    run_link,
 )
 from soups.tracking.runs import Run
 from soups.tracking.search import get_run
