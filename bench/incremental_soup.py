@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 from bench.common import command, report
-from soups.finetune import finetune
 from soups.models import cache_home
 from soups.recipe import load_recipe
-from soups.soup_step import SoupOptions, make_soup
+from soups.steps.finetune import finetune
+from soups.steps.soup.step import SoupOptions, make_soup
 
 MEMBERS = 12
 

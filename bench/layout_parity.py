@@ -28,9 +28,9 @@ def pipeline(recipe_path: str, overrides: dict, experiment: str, members: int, m
     """start + members (start: auto) then the soup, as the entry points run them; members an
     earlier run of this benchmark left in the store (`--work`) are judged again, not retrained."""
     from soups import tracking
-    from soups.finetune import finetune
     from soups.recipe import load_recipe
-    from soups.soup_step import SoupOptions, make_soup
+    from soups.steps.finetune import finetune
+    from soups.steps.soup.step import SoupOptions, make_soup
 
     have = len(tracking.ranked_ingredients(tracking.ensure_experiment(experiment)))
     for i in range(have, members):
@@ -103,7 +103,7 @@ def main() -> None:
         )
     # The same class-folder members, the uniform soup recalibrated on the same training images in
     # the order the layout lists them (class by class), as soups did before.
-    import soups.soup_ingredients as ingredients
+    import soups.steps.soup.ingredients as ingredients
 
     shuffled = next(d for d in fold.dishes if d.method == "uniform")
     ingredients.recalibration_order = in_listing_order

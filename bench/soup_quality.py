@@ -33,13 +33,13 @@ from soups import data
 from soups.batches import train_loader
 from soups.ensemble import soft_vote
 from soups.evaluate import EvalSet, Scorer, metrics, predict
-from soups.finetune import train_config
 from soups.models import create_model, load_start, normalisation
 from soups.recipe import load_recipe
 from soups.significance import paired_gain
 from soups.soup import METHODS, Candidate, Kitchen
-from soups.soup_ingredients import held_out_sets
-from soups.soup_step import SoupOptions
+from soups.steps.finetune import train_config
+from soups.steps.soup.ingredients import held_out_sets
+from soups.steps.soup.step import SoupOptions
 from soups.train import fit
 
 DEFAULT_METHOD = "greedy"  # what `greedy_soup` registers when no method is given

@@ -23,9 +23,9 @@ from bench.common import command, report
 from soups.batches import train_loader
 from soups.data import decode, load_splits, model_input
 from soups.evaluate import EvalSet, predict
-from soups.finetune import train_config
 from soups.models import create_model, normalisation
 from soups.recipe import load_recipe
+from soups.steps.finetune import train_config
 from soups.train import fit
 
 

@@ -122,8 +122,8 @@ def relaunch_if_parallel(nproc: int) -> None:
 def run_training(recipe: str, overrides: dict[str, Any], train: Callable[[Any], str]) -> str:
     """What `finetune` and `start` share: relaunch as torchrun processes for nproc > 1, resume a
     run, or `train` the recipe. Returns the run id ("" on ranks other than 0)."""
-    from soups.finetune import TrainingOptions, resume
     from soups.recipe import load_recipe
+    from soups.steps.finetune import TrainingOptions, resume
 
     opts = step_values(TrainingOptions, overrides)
     if opts.nproc > 1 and not opts.resume and not distributed.launched():

@@ -4,8 +4,8 @@ import click
 import pandas as pd
 
 from entrypoints.common import given, recipe_options, run_cli, step_options, step_values
-from soups.evaluate_step import EvaluateOptions, evaluate_runs
 from soups.recipe import load_recipe
+from soups.steps.evaluate import EvaluateOptions, evaluate_runs
 
 
 @click.command(

@@ -3,7 +3,7 @@
 import click
 
 from entrypoints.common import recipe_options, run_training, step_options
-from soups.finetune import TrainingOptions, finetune
+from soups.steps.finetune import TrainingOptions, finetune
 
 
 @click.command(

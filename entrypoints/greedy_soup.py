@@ -5,7 +5,7 @@ import click
 from entrypoints.common import given, method_options, recipe_options, run_cli, step_options, step_values
 from soups.recipe import load_recipe
 from soups.soup import all_params
-from soups.soup_step import SoupOptions, make_soup
+from soups.steps.soup.step import SoupOptions, make_soup
 
 
 @click.command(

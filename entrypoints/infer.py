@@ -3,8 +3,8 @@
 import click
 
 from entrypoints.common import given, recipe_options, run_cli, step_options, step_values
-from soups.infer_step import InferOptions, infer
 from soups.recipe import load_recipe
+from soups.steps.infer import InferOptions, infer
 
 
 @click.command(

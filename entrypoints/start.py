@@ -3,7 +3,7 @@
 import click
 
 from entrypoints.common import recipe_options, run_training, step_options
-from soups.finetune import TrainingOptions, make_start
+from soups.steps.finetune import TrainingOptions, make_start
 
 
 @click.command(

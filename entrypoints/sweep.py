@@ -4,7 +4,11 @@ import click
 
 from entrypoints.common import given, recipe_options, run_cli, step_options, step_values
 from soups.recipe import load_recipe
-from soups.sweep_step import SweepOptions, sweep
+from soups.steps.finetune import finetune, make_start
+from soups.steps.soup.step import soup_for_sweep
+from soups.steps.sweep.step import Steps, SweepOptions, sweep
+
+STEPS = Steps(finetune, make_start, soup_for_sweep)  # what a sweep trains and soups with
 
 
 @click.command(
@@ -19,7 +23,7 @@ def main(recipe, **options):
     opts = step_values(SweepOptions, options)
     fixed = given(options)
     cfg = run_cli(lambda: load_recipe(recipe, fixed))
-    out = run_cli(lambda: sweep(recipe, cfg, fixed, opts))
+    out = run_cli(lambda: sweep(recipe, cfg, fixed, opts, STEPS))
     click.echo(
         f"study {out.study}: this worker ran {out.ran} trial(s); the study has {out.total} "
         f"({out.complete} complete, {out.pruned} pruned)\n"

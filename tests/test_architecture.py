@@ -169,3 +169,21 @@ def test_no_import_cycle_in_soups():
 def test_the_cycle_check_finds_a_loop():
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def step_of(module: str) -> str | None:
+    """`soups.steps.soup.step` -> `soup`; None for the library and the tracking package."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[1] == "steps" else None
+
+
+def test_the_library_never_imports_a_step_and_a_step_never_imports_another():
+    """Levels (docs/ARCHITECTURE.md): steps over the library and the tracking package. A step
+    that drives another (a sweep trains and soups) gets it from its entry point as a function."""
+    wrong = [
+        f"{m} imports {dep}"
+        for m, p in SOUPS_MODULES.items()
+        for dep in soups_imports(p)
+        if step_of(dep) and step_of(dep) != step_of(m)
+    ]
+    assert wrong == []

@@ -5,14 +5,15 @@ import mlflow
 import pytest
 import torch
 
-from soups import soup_report, tracking
+from soups import tracking
 from soups.evaluate import EvalSet, Scorer
-from soups.finetune import finetune
 from soups.models import create_model
 from soups.recipe import load_recipe
 from soups.score_book import ScoreBook
-from soups.soup_report import history_of
-from soups.soup_step import SoupOptions, make_soup
+from soups.steps.finetune import finetune
+from soups.steps.soup import report as soup_report
+from soups.steps.soup.report import history_of
+from soups.steps.soup.step import SoupOptions, make_soup
 from soups.tracking import Earlier
 from tests.conftest import TINY, write_recipe
 

@@ -111,8 +111,8 @@ def folder_model(tmp_path_factory):
     """An image folder, a model fine-tuned on it (an ingredient run), the same weights registered
     as a soup of that run (`folder-soup@champion`) and as a plain checkpoint file."""
     from soups.data import load_splits
-    from soups.finetune import finetune
     from soups.recipe import load_recipe
+    from soups.steps.finetune import finetune
 
     work = tmp_path_factory.mktemp("folder")
     uri = f"sqlite:///{work / 'mlflow.db'}"
@@ -157,7 +157,7 @@ def test_infer_scores_the_test_split_never_the_training_images(folder_model):
     """An ingredient run, a registered soup of it and its checkpoint file: each predicts exactly
     the test split rebuilt from what the model was trained with, and only that is scored."""
     from soups.data import digest
-    from soups.infer_step import InferOptions, infer
+    from soups.steps.infer import InferOptions, infer
 
     splits = folder_model["splits"]
     assert len(splits.test) and len(splits.train)
@@ -171,8 +171,8 @@ def test_infer_scores_the_test_split_never_the_training_images(folder_model):
 
 
 def test_a_checkpoint_file_on_another_split_is_refused_in_one_line(folder_model):
-    from soups.infer_step import InferOptions, infer
     from soups.recipe import load_recipe
+    from soups.steps.infer import InferOptions, infer
 
     other = load_recipe(folder_model["path"], {"split_seed": 5})
     with pytest.raises(SoupsError, match="was trained on split .* whole_folder") as e:
@@ -182,7 +182,7 @@ def test_a_checkpoint_file_on_another_split_is_refused_in_one_line(folder_model)
 
 def test_predicting_a_whole_folder_logs_no_test_accuracy(folder_model):
     """Every image under data includes the training images: predicted, never scored as test."""
-    from soups.infer_step import InferOptions, infer
+    from soups.steps.infer import InferOptions, infer
 
     out = infer(
         folder_model["recipe"], InferOptions(model_uri=f"runs:/{folder_model['run_id']}", whole_folder=True)

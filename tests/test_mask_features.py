@@ -12,12 +12,12 @@ from soups import SoupsError, layouts, tracking
 from soups.batches import oversampled_classes, train_loader
 from soups.data import make_splits
 from soups.evaluate import attribute_accuracy
-from soups.finetune import finetune
 from soups.layouts import read_layout
 from soups.layouts.mask import read_relabel
 from soups.losses import CrossEntropy, Focal, SupConPlusCE, supcon
 from soups.models import create_model
 from soups.recipe import Recipe, load_recipe
+from soups.steps.finetune import finetune
 from tests.conftest import TINY, make_mask_dataset, write_recipe
 
 
@@ -207,9 +207,9 @@ def test_attribute_accuracy_reads_each_attribute():
 @pytest.mark.slow
 def test_greedy_soup_selects_on_val_only(tmp_path, tracking_uri, mask_root, monkeypatch):
     """Record every scoring call: all that can change the picks reads val; test only after."""
-    from soups import soup_step
     from soups.evaluate import Scorer
     from soups.soup import METHODS
+    from soups.steps.soup import step as soup_step
 
     recipe_path = write_recipe(
         tmp_path / "r.yaml",
@@ -264,9 +264,10 @@ def test_bn_recalibration_reads_training_images_only_and_the_shipped_soup_scores
 ):
     """BatchNorm statistics of the averaged weights come from training images alone, and the
     checkpoint that ships scores on val exactly what the soup run logged (as infer would load it)."""
-    from soups import data, evaluate, soup_step
+    from soups import data, evaluate
     from soups.evaluate import EvalSet, Scorer
     from soups.models import load_checkpoint
+    from soups.steps.soup import step as soup_step
 
     recipe_path = write_recipe(
         tmp_path / "r.yaml",

@@ -67,12 +67,12 @@ def test_mlproject_defaults_are_the_commands_defaults():
 
 
 def test_each_step_option_is_declared_once_and_the_commands_follow_it():
-    from soups.evaluate_step import EvaluateOptions
-    from soups.finetune import TrainingOptions
-    from soups.infer_step import InferOptions
     from soups.options import cli_fields
-    from soups.soup_step import SoupOptions
-    from soups.sweep_step import SweepOptions
+    from soups.steps.evaluate import EvaluateOptions
+    from soups.steps.finetune import TrainingOptions
+    from soups.steps.infer import InferOptions
+    from soups.steps.soup.step import SoupOptions
+    from soups.steps.sweep.step import SweepOptions
 
     steps = {
         "greedy_soup": SoupOptions,

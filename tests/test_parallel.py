@@ -12,9 +12,9 @@ from soups import SoupsError, distributed
 from soups.batches import train_loader
 from soups.data import make_splits
 from soups.distributed import RankBatches, World
-from soups.finetune import finetune, resume
 from soups.layouts import read_layout
 from soups.recipe import Recipe, load_recipe
+from soups.steps.finetune import finetune, resume
 from soups.train import fit
 from tests.conftest import TINY, make_imagefolder, write_recipe
 from tests.test_train import setup

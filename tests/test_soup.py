@@ -387,7 +387,7 @@ def test_batchnorm_is_recomputed_on_shuffled_training_images(tmp_path):
     """Layouts list images class by class; the recalibration sample must mix the classes in every
     batch (in class order the demo's uniform soup lost 1.29 points)."""
     from soups.recipe import Recipe
-    from soups.soup_ingredients import held_out_sets
+    from soups.steps.soup.ingredients import held_out_sets
 
     root = make_imagefolder(tmp_path / "folders", per_class=20)
     splits = make_splits(read_layout("imagefolder", root), 0.2, 0.0, 0)

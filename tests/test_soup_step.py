@@ -8,9 +8,9 @@ import mlflow
 import pytest
 
 from soups import SoupsError, tracking
-from soups.finetune import finetune
 from soups.recipe import load_recipe
-from soups.soup_step import SoupOptions, make_soup
+from soups.steps.finetune import finetune
+from soups.steps.soup.step import SoupOptions, make_soup
 from tests.conftest import TINY, write_recipe
 
 

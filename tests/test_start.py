@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from soups import SoupsError, tracking
-from soups.finetune import finetune, make_start
 from soups.models import create_model, head_keys, load_checkpoint, load_start, weights_digest
 from soups.recipe import load_recipe
-from soups.soup_step import SoupOptions, make_soup
+from soups.steps.finetune import finetune, make_start
+from soups.steps.soup.step import SoupOptions, make_soup, soup_for_sweep
 from tests.conftest import ROOT, TINY, write_recipe
 
 
@@ -190,7 +190,7 @@ def test_a_missing_start_checkpoint_fails_the_soup_by_name_and_registers_nothing
 @pytest.mark.slow
 def test_a_sweep_resolves_start_auto_once_for_every_trial(recipe_path, tracking_uri, tmp_path, monkeypatch):
     """A start made while the sweep runs never splits its trials between two starts."""
-    from soups import sweep_step
+    from soups.steps.sweep import step as sweep_step
 
     monkeypatch.setenv("SOUPS_CACHE", str(tmp_path / "cache"))
     first = make_start(load_recipe(recipe_path))
@@ -202,12 +202,12 @@ def test_a_sweep_resolves_start_auto_once_for_every_trial(recipe_path, tracking_
             later.append(make_start(load_recipe(recipe_path)))
         return run_id
 
-    monkeypatch.setattr(sweep_step, "finetune", trial_then_a_new_start)
     opts = sweep_step.SweepOptions(
         trials=2, pruner="none", soup="none", storage=f"sqlite:///{tmp_path / 'optuna.db'}"
     )
+    steps = sweep_step.Steps(trial_then_a_new_start, make_start, soup_for_sweep)
     out = sweep_step.sweep(
-        str(recipe_path), load_recipe(recipe_path, {"start": "auto"}), {"start": "auto"}, opts
+        str(recipe_path), load_recipe(recipe_path, {"start": "auto"}), {"start": "auto"}, opts, steps
     )
     assert out.complete == 2 and later
     children = runs_by_role("ingredient")
@@ -217,13 +217,13 @@ def test_a_sweep_resolves_start_auto_once_for_every_trial(recipe_path, tracking_
 
 def test_best_val_accuracy_is_the_best_epoch_not_the_last(recipe_path, tracking_uri, monkeypatch):
     """An ingredient whose val accuracy drops after epoch 1: the summary keeps epoch 1's."""
-    import soups.finetune
+    import soups.steps.finetune
 
     def fit(model, loader, val, cfg, mean, std, device, report, *rest, **keywords):
         for epoch, acc in ((1, 0.8), (2, 0.6)):
             report(epoch, {"val_accuracy": acc, "val_loss": 1.0, "train_loss": 1.0})
 
-    monkeypatch.setattr(soups.finetune, "fit", fit)
+    monkeypatch.setattr(soups.steps.finetune, "fit", fit)
     run = mlflow.MlflowClient().get_run(finetune(load_recipe(recipe_path, {"epochs": 2})))
     m = run.data.metrics
     assert (m["val_accuracy"], m["best_val_accuracy"], m["best_val_epoch"]) == (0.6, 0.8, 1)
@@ -325,14 +325,15 @@ def test_a_start_that_fails_before_training_frees_its_claim_at_once(recipe_path,
 
 @pytest.mark.slow
 def test_a_sweep_into_an_empty_store_makes_its_start_first(recipe_path, tracking_uri, tmp_path, monkeypatch):
-    from soups import sweep_step
+    from soups.steps.sweep import step as sweep_step
 
     monkeypatch.setenv("SOUPS_CACHE", str(tmp_path / "cache"))
     opts = sweep_step.SweepOptions(
         trials=2, pruner="none", soup="none", storage=f"sqlite:///{tmp_path / 'optuna.db'}"
     )
+    steps = sweep_step.Steps(finetune, make_start, soup_for_sweep)
     out = sweep_step.sweep(
-        str(recipe_path), load_recipe(recipe_path, {"start": "auto"}), {"start": "auto"}, opts
+        str(recipe_path), load_recipe(recipe_path, {"start": "auto"}), {"start": "auto"}, opts, steps
     )
     (start,) = runs_by_role("start")
     assert out.complete == 2 and start.info.status == "FINISHED"

@@ -12,7 +12,7 @@ import optuna
 import pytest
 
 from soups.recipe import draw, load_recipe, registered_name
-from soups.sweep_study import DrawSampler, distributions, suggest
+from soups.steps.sweep.study import DrawSampler, distributions, suggest
 from tests.conftest import ROOT, TINY, all_at_once, mlflow_server, postgres_server, write_recipe
 
 pytestmark = pytest.mark.slow  # real processes: servers, `mlflow run`, workers
@@ -184,8 +184,9 @@ def test_a_pruned_trial_ends_killed_without_checkpoint_and_never_feeds_a_soup(
     tmp_path, tracking_uri, mask_root
 ):
     from soups import tracking
-    from soups.sweep_step import run_trial
-    from soups.sweep_study import claim
+    from soups.steps.finetune import finetune
+    from soups.steps.sweep.step import run_trial
+    from soups.steps.sweep.study import claim
 
     recipe = write_recipe(
         tmp_path / "tiny.yaml",
@@ -204,7 +205,7 @@ def test_a_pruned_trial_ends_killed_without_checkpoint_and_never_feeds_a_soup(
     )  # always prunes
     study.enqueue_trial({})
     parent = tracking.sweep_parent(None, tracking.ensure_experiment("pruned"), "p")
-    run_trial(study, claim(study, storage), str(recipe), {}, distributions(SPACE), parent, "pruned")
+    run_trial(study, claim(study, storage), str(recipe), {}, distributions(SPACE), parent, "pruned", finetune)
     assert claim(study, storage) is None
     assert study.get_trials()[0].state == optuna.trial.TrialState.PRUNED
     client = mlflow.MlflowClient(tracking_uri)

@@ -7,10 +7,10 @@ from soups import SoupsError
 from soups.batches import train_loader
 from soups.data import decode, make_splits
 from soups.evaluate import EvalSet, confusion, macro_f1, metrics, predict
-from soups.finetune import train_config
 from soups.layouts import read_layout
 from soups.models import create_model, normalisation
 from soups.recipe import Recipe
+from soups.steps.finetune import train_config
 from soups.train import fit, warmup_cosine
 from tests.conftest import TINY, make_imagefolder
 

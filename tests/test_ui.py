@@ -11,11 +11,11 @@ import mlflow
 import pytest
 
 from soups import data, tracking
-from soups.evaluate_step import evaluate_runs
-from soups.finetune import finetune, make_start
-from soups.infer_step import InferOptions, infer
 from soups.recipe import load_recipe
-from soups.soup_step import SoupOptions, make_soup
+from soups.steps.evaluate import evaluate_runs
+from soups.steps.finetune import finetune, make_start
+from soups.steps.infer import InferOptions, infer
+from soups.steps.soup.step import SoupOptions, make_soup
 from tests.conftest import TINY, mlflow_server, service_missing, write_recipe
 
 pytestmark = pytest.mark.slow  # real processes: servers, `mlflow run`, workers

@@ -20,9 +20,9 @@ from soups.recipe import Recipe, registered_name
 from soups.run_notes import data_parts, rebuilt
 from soups.score_book import ScoreBook
 from soups.soup import METHODS, Kitchen, method
-from soups.soup_ingredients import Gathered, Ingredients, held_out_sets, start_weights
-from soups.soup_publish import publish
-from soups.soup_report import BASELINE, Dish, SoupReport, assemble, best_ingredient, history_of, shipped
+from soups.steps.soup.ingredients import Gathered, Ingredients, held_out_sets, start_weights
+from soups.steps.soup.publish import publish
+from soups.steps.soup.report import BASELINE, Dish, SoupReport, assemble, best_ingredient, history_of, shipped
 
 log = logging.getLogger(__name__)
 BN_MODES = ("auto", "on", "off")
@@ -170,6 +170,12 @@ def make_soup(
         judge = functools.partial(champion_score, name, g.splits.fingerprint, dishes[0], scorer)
         publish(run, report, g, ingredients.meta, judge, name, book.to_json())
     return report
+
+
+def soup_for_sweep(recipe: Recipe, data_options: dict, parent: str, continue_from: str) -> tuple[str, str]:
+    """A soup of a sweep's children with the defaults (what `sweep -P soup=` makes)."""
+    report = make_soup(recipe, data_options, SoupOptions(parent=parent, continue_from=continue_from))
+    return report.run_id, f"soup run {report.run_id} of {len(report.table)} trial runs; {report.registry}"
 
 
 def champion_score(name: str, split: str, chosen: Dish, scorer: Scorer) -> tracking.Rival | None:

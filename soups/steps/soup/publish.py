@@ -12,8 +12,8 @@ import pandas as pd
 from soups import plots, tracking
 from soups.models import Checkpoint, save_checkpoint
 from soups.soup import METHODS
-from soups.soup_ingredients import Gathered
-from soups.soup_report import BASELINE, SoupReport
+from soups.steps.soup.ingredients import Gathered
+from soups.steps.soup.report import BASELINE, SoupReport
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -18,13 +19,11 @@ import optuna
 from optuna.trial import TrialState
 
 from soups import SoupsError, Stopped, data, options, tracking
-from soups.finetune import finetune, make_start
 from soups.options import checked, option
 from soups.recipe import Recipe, load_recipe
-from soups.soup_step import SoupOptions, make_soup
 from soups.starts import auto_start, start_recipe
-from soups.sweep_soups import SoupJob, due, finish, request, soup_every
-from soups.sweep_study import (
+from soups.steps.sweep.soups import SoupJob, due, finish, request, soup_every
+from soups.steps.sweep.study import (
     RUN_ATTR,
     DrawSampler,
     claim,
@@ -85,6 +84,17 @@ class SweepOptions:
 
 
 @dataclass(frozen=True)
+class Steps:
+    """The steps a sweep drives, handed in by its entry point (steps never import one another)."""
+
+    finetune: Callable[..., str]  # finetune(recipe, parent, tags, on_epoch, on_start, resume) -> run id
+    make_start: Callable[[Recipe], str]  # the shared start, trained now -> its run id
+    # soup(recipe, data options, parent run, continue_from) -> (soup run id, a line to log); a
+    # module-level function: it crosses into the background soup's process
+    soup: Callable[[Recipe, dict, str, str], tuple[str, str]]
+
+
+@dataclass(frozen=True)
 class SweepResult:
     """What this worker did, and where the study stands."""
 
@@ -97,7 +107,9 @@ class SweepResult:
     total: int
 
 
-def run_trial(study, trial, recipe_path, given: dict, dists: dict, parent, experiment: str) -> None:
+def run_trial(
+    study, trial, recipe_path, given: dict, dists: dict, parent, experiment: str, finetune: Callable[..., str]
+) -> None:
     """One trial = one ordinary ingredient run nested under the sweep's parent run."""
     params = suggest(trial, dists)
     frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
@@ -138,7 +150,7 @@ def resumable_attempt(study: optuna.Study, trial) -> str:
         return ""
 
 
-def sweep(recipe_path: str, recipe: Recipe, given: dict, opts: SweepOptions) -> SweepResult:
+def sweep(recipe_path: str, recipe: Recipe, given: dict, opts: SweepOptions, steps: Steps) -> SweepResult:
     """Run this worker's share of the study's trials; the last worker to finish writes the study's
     summary into the parent run. Returns what to print."""
     checked(opts)
@@ -159,14 +171,14 @@ def sweep(recipe_path: str, recipe: Recipe, given: dict, opts: SweepOptions) -> 
             tracking.experiment_of_run(own_run) if own_run else tracking.ensure_experiment(recipe.experiment)
         )
         study.set_user_attr(EXPERIMENT_ATTR, experiment_id)  # first: joining workers find the start there
-        start = sweep_start(recipe, experiment_id)
+        start = sweep_start(recipe, experiment_id, steps.make_start)
         parent = create_parent(study, opts, own_run, experiment_id, start)
     else:
         experiment_id = wait_for(study, EXPERIMENT_ATTR, opts.wait_s)
         # While the creator trains the start, wait on that start run (its heartbeat says it is
         # alive), not on a timer that takes a long start for a dead creator.
         if START_ATTR not in study.user_attrs:
-            sweep_start(recipe, experiment_id)
+            sweep_start(recipe, experiment_id, steps.make_start)
         parent = tracking.Run(wait_for(study, PARENT_ATTR, opts.wait_s))
         start = study.user_attrs.get(START_ATTR, recipe.start)
         if own_run:
@@ -174,11 +186,13 @@ def sweep(recipe_path: str, recipe: Recipe, given: dict, opts: SweepOptions) -> 
     given = {**given, "start": start}
     experiment = tracking.experiment_name(experiment_id)
     dists, done, soups = distributions(space), 0, []
-    job = SoupJob(storage_url, name, partial(sweep_soup, recipe_path, given, parent.id, experiment))
+    job = SoupJob(
+        storage_url, name, partial(sweep_soup, steps.soup, recipe_path, given, parent.id, experiment)
+    )
     while (trial := claim(study, storage)) is not None:
         log.info("trial %d of study %s", trial.number, name)
         with heartbeat(storage, trial._trial_id, opts.heartbeat):
-            run_trial(study, trial, recipe_path, given, dists, parent, experiment)
+            run_trial(study, trial, recipe_path, given, dists, parent, experiment, steps.finetune)
         done += 1
         if every and (covers := due(study, every, ended=False)):
             request(study, storage, job, covers, soups)
@@ -195,13 +209,11 @@ def sweep(recipe_path: str, recipe: Recipe, given: dict, opts: SweepOptions) -> 
     )
 
 
-def sweep_soup(recipe_path: str, given: dict, parent: str, experiment: str, continue_from: str):
+def sweep_soup(soup, recipe_path: str, given: dict, parent: str, experiment: str, continue_from: str):
     """One soup of the sweep's completed trials, continuing `continue_from` (the background
-    process of `sweep_soups`). Returns its run id and a line to log."""
+    process of `sweep.soups` runs it). Returns the soup run id and a line to log."""
     recipe = load_recipe(recipe_path, {**given, "experiment": experiment})
-    data_options = {k: given[k] for k in ("data", "layout") if k in given}
-    report = make_soup(recipe, data_options, SoupOptions(parent=parent, continue_from=continue_from))
-    return report.run_id, f"soup run {report.run_id} of {len(report.table)} trial runs; {report.registry}"
+    return soup(recipe, {k: given[k] for k in ("data", "layout") if k in given}, parent, continue_from)
 
 
 def sampler_for(name: str, space: dict) -> optuna.samplers.BaseSampler:
@@ -229,7 +241,7 @@ def create_parent(
     return parent
 
 
-def sweep_start(recipe: Recipe, experiment_id: str) -> str:
+def sweep_start(recipe: Recipe, experiment_id: str, make_start: Callable[[Recipe], str]) -> str:
     """The start every trial of the sweep loads: `auto` resolved once, here, to the newest matching
     start run (trained now when there is none), so that a start made while the sweep runs never
     splits its trials in two."""
