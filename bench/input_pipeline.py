@@ -16,10 +16,10 @@ import torch
 
 from bench.common import command, mask_dataset, report
 from soups.batches import train_loader
-from soups.data import load_splits, model_input
+from soups.data import model_input
 from soups.losses import CrossEntropy
 from soups.models import create_model, normalisation
-from soups.recipe import load_recipe
+from soups.recipe import load_recipe, load_splits, loader_settings
 
 
 def loader_rate(loader, limit: int) -> float:
@@ -44,9 +44,9 @@ def main() -> None:
     cached = load_recipe(args.recipe, base)
     splits = load_splits(lazy)
     n = len(splits.train)
-    decoding = train_loader(splits, lazy)[0]
+    decoding = train_loader(splits, loader_settings(lazy))[0]
     start = time.perf_counter()
-    loader, _ = train_loader(splits, cached)  # decodes the split once, into memory
+    loader, _ = train_loader(splits, loader_settings(cached))  # decodes the split once, into memory
     decode_s = time.perf_counter() - start
     rates = {"decoding": [], "cached": []}
     for r in range(args.repeats):  # alternate the sides: the machine's load drifts

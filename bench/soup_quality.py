@@ -29,12 +29,11 @@ import torch
 import yaml
 
 from bench.common import RESULTS, command, report
-from soups import data
 from soups.batches import train_loader
 from soups.ensemble import soft_vote
 from soups.evaluate import EvalSet, Scorer, metrics, predict
 from soups.models import create_model, load_start, normalisation
-from soups.recipe import load_recipe
+from soups.recipe import load_recipe, load_splits, loader_settings
 from soups.significance import paired_gain
 from soups.soup import METHODS, Candidate, Kitchen
 from soups.steps.finetune import train_config
@@ -71,7 +70,7 @@ def run_fit(recipe, splits, val: EvalSet, initial: dict | None):
     if initial is not None:
         load_start(model, initial, "the start")
     mean, std = normalisation(model)
-    last = fit(model, train_loader(splits, recipe)[0], val, train_config(recipe), mean, std)
+    last = fit(model, train_loader(splits, loader_settings(recipe))[0], val, train_config(recipe), mean, std)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, last["val_accuracy"]
 
 
@@ -171,7 +170,7 @@ def parse_method(spec: str) -> tuple[str, dict]:
 
 def one_seed(args, split_seed: int, methods: list[str]) -> dict:
     base = load_recipe(args.recipe, {"split_seed": split_seed, **args.overrides})
-    splits = data.load_splits(base)
+    splits = load_splits(base)
     n_cls = len(splits.train.classes)
     val, test, bn = held_out_sets(splits, base, n_cls, None if args.no_bn else SoupOptions.bn_images)
     skeleton = create_model(base.model, n_cls)

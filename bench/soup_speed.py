@@ -137,10 +137,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each side, alternated")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    from soups.recipe import load_recipe
+    from soups.recipe import load_recipe, load_splits
 
     recipe = load_recipe(RECIPE)
-    splits = data.load_splits(recipe)
+    splits = load_splits(recipe)
     size, n_cls = recipe.img_size, len(splits.train.classes)
     val_evalset = EvalSet.from_decoded(data.decode(splits.val, size), n_cls)
     sweep = members(args, splits, val_evalset)

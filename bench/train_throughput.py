@@ -21,10 +21,10 @@ import torch.nn.functional as F
 
 from bench.common import command, report
 from soups.batches import train_loader
-from soups.data import decode, load_splits, model_input
+from soups.data import decode, model_input
 from soups.evaluate import EvalSet, predict
 from soups.models import create_model, normalisation
-from soups.recipe import load_recipe
+from soups.recipe import load_recipe, load_splits, loader_settings
 from soups.steps.finetune import train_config
 from soups.train import fit
 
@@ -54,7 +54,7 @@ def product_rate(recipe, splits, val: EvalSet, epochs: int) -> list[float]:
     """images_per_s of each epoch of the product's fit, as its runs log it."""
     model = create_model(recipe.model, len(splits.train.classes))
     mean, std = normalisation(model)
-    loader, _ = train_loader(splits, recipe, device=torch.device("cpu"))
+    loader, _ = train_loader(splits, loader_settings(recipe), device=torch.device("cpu"))
     rates = []
     fit(
         model,
@@ -98,7 +98,7 @@ def main() -> None:
     classes = len(splits.train.classes)
     val = EvalSet.from_decoded(decode(splits.val, recipe.img_size, recipe.workers), classes)
     mean, std = normalisation(create_model(recipe.model, classes))
-    loader, _ = train_loader(splits, recipe)
+    loader, _ = train_loader(splits, loader_settings(recipe))
     batches = [(model_input(x, mean, std), y) for _ in range(args.epochs) for x, y in loader]
 
     bare = {"eager, NCHW weights": [], "eager, channels_last": []}

@@ -128,7 +128,7 @@ def run_training(recipe: str, overrides: dict[str, Any], train: Callable[[Any], 
     opts = step_values(TrainingOptions, overrides)
     if opts.nproc > 1 and not opts.resume and not distributed.launched():
         # A mistake in the recipe or the data is one line here, not N ranks' tracebacks under torchrun.
-        from soups.data import load_splits
+        from soups.recipe import load_splits
 
         run_cli(lambda: load_splits(load_recipe(recipe, overrides)))
     relaunch_if_parallel(opts.nproc)

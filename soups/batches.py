@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,7 +15,6 @@ from soups import SoupsError, data
 from soups.augment import pipeline
 from soups.distributed import SINGLE, RankBatches, World, check_batch
 from soups.evaluate import default_device
-from soups.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +88,33 @@ class SeededBatches(torch.utils.data.Sampler):
         return self.n // self.batch_size if self.drop_last else min(self.n, 1)
 
 
-class TrainLoader(torch.utils.data.DataLoader):
-    """Shuffled batches of `recipe.batch_size` images (this process's share of them, with several),
-    drawn from one generator seeded by the recipe: the same seed gives the same batches, augmented
-    alike, with any number of processes or loader workers."""
+@dataclass(frozen=True)
+class LoaderSettings:
+    """What the training loader reads (the step makes it from the recipe: `recipe.loader_settings`)."""
 
-    def __init__(self, dataset, recipe: Recipe, world: World = SINGLE, workers: int = 0):
-        share = check_batch(recipe.batch_size, world)
+    img_size: int
+    batch_size: int
+    seed: int  # draws the batches and every image's augmentation
+    workers: int
+    cache_mb: int  # decoded images stay in memory when they fit
+    skip_bad: bool
+    aug: str
+    oversample: str = ""  # classes repeated with their own augmentation
+    oversample_factor: int = 1
+    oversample_aug: str = "none"
+
+
+class TrainLoader(torch.utils.data.DataLoader):
+    """Shuffled batches of `batch_size` images (this process's share of them, with several), drawn
+    from one generator seeded by `seed`: the same seed gives the same batches, augmented alike, with
+    any number of processes or loader workers."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, world: World = SINGLE, workers: int = 0):
+        share = check_batch(batch_size, world)
         if world.parallel and share < 2:
-            raise SoupsError(f"batch_size={recipe.batch_size} leaves under 2 images per process")
-        generator = torch.Generator().manual_seed(recipe.seed)
-        batches = SeededBatches(len(dataset), recipe.batch_size, generator)
+            raise SoupsError(f"batch_size={batch_size} leaves under 2 images per process")
+        generator = torch.Generator().manual_seed(seed)
+        batches = SeededBatches(len(dataset), batch_size, generator)
         super().__init__(
             dataset,
             batch_sampler=RankBatches(batches, world) if world.parallel else batches,
@@ -134,28 +150,28 @@ def oversampled_classes(spec: str, classes: list[str]) -> list[int]:
 
 
 def train_loader(
-    splits: data.Splits, recipe: Recipe, world: World = SINGLE, device: torch.device | None = None
+    splits: data.Splits, settings: LoaderSettings, world: World = SINGLE, device: torch.device | None = None
 ) -> tuple[TrainLoader, int]:
-    """Batches of the training split with the recipe's augmentation, plus the `oversample`
+    """Batches of the training split with the `aug` augmentation, plus the `oversample`
     classes repeated with their own augmentation, drawn from the training split alone; decoded
     images stay in memory when they fit in `cache_mb`. Returns the loader and how many images
     were skipped as unreadable. With several processes, each loads its share of every batch.
     `device` is where the step runs (default: the GPU when there is one)."""
-    size, skipped = recipe.img_size, 0
+    size, skipped = settings.img_size, 0
     source: data.Decoded | data.Samples = splits.train
-    if fits_in_memory(splits.train, size, recipe.cache_mb):
-        source = data.decode(splits.train, size, recipe.workers, recipe.skip_bad, "decode train")
+    if fits_in_memory(splits.train, size, settings.cache_mb):
+        source = data.decode(splits.train, size, settings.workers, settings.skip_bad, "decode train")
         skipped = len(source.skipped)
-    elif recipe.skip_bad:  # decoded every epoch: leave the unreadable out before batches are drawn
-        source, bad = data.readable(splits.train, recipe.workers, "check train")
+    elif settings.skip_bad:  # decoded every epoch: leave the unreadable out before batches are drawn
+        source, bad = data.readable(splits.train, settings.workers, "check train")
         skipped = len(bad)
-    transform = pipeline(recipe.aug, size)
+    transform = pipeline(settings.aug, size)
     parts = [ImageDataset(source, size, transform)]
-    if recipe.oversample and recipe.oversample_factor > 1:
-        targets = oversampled_classes(recipe.oversample, splits.train.classes)
+    if settings.oversample and settings.oversample_factor > 1:
+        targets = oversampled_classes(settings.oversample, splits.train.classes)
         rows = np.flatnonzero(np.isin(source.labels, targets))
-        extra = ImageDataset(source.subset(rows), size, pipeline(recipe.oversample_aug, size))
-        parts += [extra] * (recipe.oversample_factor - 1)
+        extra = ImageDataset(source.subset(rows), size, pipeline(settings.oversample_aug, size))
+        parts += [extra] * (settings.oversample_factor - 1)
 
     dataset = Parts(parts)
     # On a CPU, loader processes take their cores from the training step itself: with the images
@@ -164,10 +180,10 @@ def train_loader(
     # decoding files every epoch, or a GPU doing the step.
     decoding = isinstance(source, data.Samples)
     on_gpu = (device or default_device()).type == "cuda"
-    workers = recipe.workers if decoding or on_gpu else 0
-    if workers != recipe.workers:
+    workers = settings.workers if decoding or on_gpu else 0
+    if workers != settings.workers:
         log.info(
             "workers=%d: training images are in memory and the CPU does the step; augmenting here",
-            recipe.workers,
+            settings.workers,
         )
-    return TrainLoader(dataset, recipe, world, workers), skipped
+    return TrainLoader(dataset, settings.batch_size, settings.seed, world, workers), skipped

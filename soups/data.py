@@ -1,4 +1,4 @@
-"""Samples, the deterministic held-out split and its fingerprint, decoding and loaders.
+"""The deterministic held-out split and its fingerprint, and images decoded once.
 
 A layout (`soups.layouts`) turns a folder into `Samples` (keys, labels, groups); `make_splits`
 cuts them into train / val / test as a pure function of the data and `split_seed`, never splitting
@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from soups import SoupsError, layouts
+from soups import SoupsError
 from soups.samples import Samples, data_root  # noqa: F401  (data.Samples, data.data_root: the library's names)
 
 log = logging.getLogger(__name__)
@@ -127,20 +127,6 @@ def make_splits(
     val = capped(val, max_val, split_seed + 1)
     test = capped(test, max_test, split_seed + 2)
     return Splits(train, val, test, fingerprint(val, test), tuple(parts.get("relabelled", ())))
-
-
-def load_splits(recipe) -> Splits:
-    options = {k: getattr(recipe, k) for k in layouts.option_names()}
-    parts = layouts.read_layout(recipe.layout, recipe.data, **options)
-    return make_splits(
-        parts,
-        recipe.val_ratio,
-        recipe.test_ratio,
-        recipe.split_seed,
-        recipe.max_train,
-        recipe.max_val,
-        recipe.max_test,
-    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Data-parallel fine-tuning with torch.distributed, as `torchrun` launches it: this process's
 rank and world, the process group (gloo on CPUs, NCCL on GPUs), and the few collective steps the
-training loop needs. No MLflow here: rank 0 alone talks to the tracking server (finetune.py)."""
+training loop needs. No MLflow here: rank 0 alone talks to the tracking server (soups/steps/finetune.py)."""
 
 from __future__ import annotations
 

@@ -21,7 +21,6 @@ from soups.layouts import Attributes
 from soups.logits_memo import architecture, memo_logits
 from soups.models import Checkpoint, weights_digest
 from soups.predict import Predictor
-from soups.recipe import Recipe
 
 BAD = -1  # the label of an image that could not be read
 
@@ -38,13 +37,12 @@ class Prediction:
 class Pixels:
     """The images decoded once per image size (ensemble members may differ in it)."""
 
-    def __init__(self, samples: data.Samples, recipe: Recipe):
-        self.samples, self.recipe, self.decoded = samples, recipe, {}
+    def __init__(self, samples: data.Samples, workers: int, skip_bad: bool):
+        self.samples, self.workers, self.skip_bad, self.decoded = samples, workers, skip_bad, {}
 
     def __call__(self, size: int) -> data.Decoded:
         if size not in self.decoded:
-            r = self.recipe
-            self.decoded[size] = data.decode(self.samples, size, r.workers, r.skip_bad, "decode")
+            self.decoded[size] = data.decode(self.samples, size, self.workers, self.skip_bad, "decode")
         return self.decoded[size]
 
 

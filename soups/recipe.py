@@ -15,7 +15,9 @@ import numpy as np
 import yaml
 
 from soups import SoupsError
-from soups.layouts import LAYOUTS
+from soups.batches import LoaderSettings
+from soups.data import Splits, make_splits
+from soups.layouts import LAYOUTS, option_names, read_layout
 from soups.options import option
 
 START_MODES = ("finetune", "probe")
@@ -217,6 +219,37 @@ def run_name(role: str, recipe: Recipe) -> str:
     if role == "start":
         return f"start {'ft' if recipe.start_mode == 'finetune' else 'probe'} {recipe.epochs} ep"
     return f"finetune i={recipe.i} lr={recipe.lr:.1e}"
+
+
+def loader_settings(recipe: Recipe) -> LoaderSettings:
+    """What the training loader reads of a recipe."""
+    return LoaderSettings(
+        recipe.img_size,
+        recipe.batch_size,
+        recipe.seed,
+        recipe.workers,
+        recipe.cache_mb,
+        recipe.skip_bad,
+        recipe.aug,
+        recipe.oversample,
+        recipe.oversample_factor,
+        recipe.oversample_aug,
+    )
+
+
+def load_splits(recipe: Recipe) -> Splits:
+    """The recipe's data read by its layout and split (`data.make_splits`)."""
+    options = {k: getattr(recipe, k) for k in option_names()}
+    parts = read_layout(recipe.layout, recipe.data, **options)
+    return make_splits(
+        parts,
+        recipe.val_ratio,
+        recipe.test_ratio,
+        recipe.split_seed,
+        recipe.max_train,
+        recipe.max_val,
+        recipe.max_test,
+    )
 
 
 def registered_name(recipe: Recipe) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from soups import SoupsError, data, tracking
-from soups.recipe import Recipe, from_params
+from soups.recipe import Recipe, from_params, load_splits
 
 if TYPE_CHECKING:
     from soups.starts import Start
@@ -63,7 +63,7 @@ def rebuilt(run, given: dict) -> tuple[Recipe, data.Splits]:
     rebuilt from it, checked against the fingerprint the run recorded: a soup or an evaluation
     scores exactly the images the run was ranked on, or refuses."""
     recipe = from_params(tracking.run_params(run), given)
-    splits = data.load_splits(recipe)
+    splits = load_splits(recipe)
     if splits.fingerprint != tracking.split_of(run):
         raise SoupsError(
             f"the held-out split rebuilt from run {run.info.run_id}'s params (data={recipe.data}) has "

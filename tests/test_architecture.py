@@ -1,6 +1,7 @@
-"""The code's shape, checked: MLflow stays inside `soups/tracking/`, the names it gives things are
-spelled only there, and no module or function grows past what one reader holds in mind
-(docs/ARCHITECTURE.md)."""
+"""The code's shape, checked: no import cycle in `soups/`, steps over the library (never the other
+way, never one step into another), values rather than recipes below the steps, MLflow only inside
+`soups/tracking/` with the names it gives things spelled only there, and no module or function
+grows past what one reader holds in mind (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
@@ -174,16 +175,76 @@ def test_the_cycle_check_finds_a_loop():
 def step_of(module: str) -> str | None:
     """`soups.steps.soup.step` -> `soup`; None for the library and the tracking package."""
     parts = module.split(".")
-    return parts[2] if len(parts) > 2 and parts[1] == "steps" else None
+    if parts[:2] != ["soups", "steps"]:
+        return None
+    return parts[2] if len(parts) > 2 else "(the steps package)"
+
+
+def level_violations(graph: dict[str, set[str]]) -> list[str]:
+    return [
+        f"{m} imports {dep}"
+        for m, deps in sorted(graph.items())
+        for dep in sorted(deps)
+        if step_of(dep) and step_of(dep) != step_of(m)
+    ]
 
 
 def test_the_library_never_imports_a_step_and_a_step_never_imports_another():
     """Levels (docs/ARCHITECTURE.md): steps over the library and the tracking package. A step
     that drives another (a sweep trains and soups) gets it from its entry point as a function."""
-    wrong = [
-        f"{m} imports {dep}"
-        for m, p in SOUPS_MODULES.items()
-        for dep in soups_imports(p)
-        if step_of(dep) and step_of(dep) != step_of(m)
+    assert level_violations({m: soups_imports(p) for m, p in SOUPS_MODULES.items()}) == []
+
+
+def test_the_level_check_finds_a_step_below_or_beside_another():
+    graph = {
+        "soups.data": {"soups.steps.soup.step"},
+        "soups.models": {"soups.steps"},
+        "soups.steps.sweep.step": {"soups.steps.finetune", "soups.steps.sweep.study", "soups.data"},
+        "soups.steps.soup.step": {"soups.steps.soup.report"},
+    }
+    assert level_violations(graph) == [
+        "soups.data imports soups.steps.soup.step",
+        "soups.models imports soups.steps",
+        "soups.steps.sweep.step imports soups.steps.finetune",
     ]
-    assert wrong == []
+
+
+def test_imports_in_soups_are_absolute():
+    """The import checks read absolute names; a relative import would slip past them."""
+    relative = [
+        f"{rel(p)}:{node.lineno}"
+        for p in SOUPS_MODULES.values()
+        for node in ast.walk(tree(p))
+        if isinstance(node, ast.ImportFrom) and node.level
+    ]
+    assert relative == []
+
+
+# Library modules that take a recipe, and why: the recipe is what they are about.
+RECIPE_READERS = {
+    "soups.recipe": "the recipe itself, and where a step turns it into values (loader_settings, load_splits)",
+    "soups.run_notes": "what a run says about the recipe it ran (its description, its data inputs)",
+    "soups.starts": "`start: auto`: which start a recipe's model and split need, found or made",
+}
+
+
+def reads_recipes(path: Path) -> list[str]:
+    """Where a module names `Recipe` or takes a parameter called `recipe`."""
+    found = []
+    for node in ast.walk(tree(path)):
+        if isinstance(node, ast.Name) and node.id == "Recipe":
+            found.append(f"{rel(path)}:{node.lineno} names Recipe")
+        if isinstance(node, ast.arg) and node.arg == "recipe":
+            found.append(f"{rel(path)}:{node.lineno} takes a recipe")
+    return found
+
+
+def test_the_library_takes_values_not_recipes():
+    """Below the steps, functions take the values they use (image size, workers, augmentation,
+    batch size), so they read and test alone; a step turns its recipe into those values once."""
+    library = [
+        p
+        for m, p in SOUPS_MODULES.items()
+        if not step_of(m) and m not in RECIPE_READERS and TRACKING not in p.parents
+    ]
+    assert [hit for p in library for hit in reads_recipes(p)] == []

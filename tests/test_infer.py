@@ -110,8 +110,7 @@ def infer(store, *args, check=True):
 def folder_model(tmp_path_factory):
     """An image folder, a model fine-tuned on it (an ingredient run), the same weights registered
     as a soup of that run (`folder-soup@champion`) and as a plain checkpoint file."""
-    from soups.data import load_splits
-    from soups.recipe import load_recipe
+    from soups.recipe import load_recipe, load_splits
     from soups.steps.finetune import finetune
 
     work = tmp_path_factory.mktemp("folder")

@@ -68,7 +68,7 @@ def test_layout_contract(name, tmp_path):
     decoded = decode(splits.val, 16)
     assert decoded.pixels.shape == (len(splits.val), 16, 16, 3)
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", data=str(root), layout=name))
-    inputs = inference_inputs(recipe, pool.classes)
+    inputs = inference_inputs(recipe.layout, recipe.data, pool.classes)
     if inputs is None:  # infer predicts the model's test split: images it never trained on
         inputs = splits.test
     assert len(inputs) > 0 and decode(inputs, 16).pixels.shape[0] == len(inputs)

@@ -16,7 +16,7 @@ from soups.layouts import read_layout
 from soups.layouts.mask import read_relabel
 from soups.losses import CrossEntropy, Focal, SupConPlusCE, supcon
 from soups.models import create_model
-from soups.recipe import Recipe, load_recipe
+from soups.recipe import Recipe, load_recipe, loader_settings
 from soups.steps.finetune import finetune
 from tests.conftest import TINY, make_mask_dataset, write_recipe
 
@@ -103,7 +103,7 @@ def leaky_setup(tmp_path):
             "workers": 0,
         }
     )
-    from soups.data import load_splits
+    from soups.recipe import load_splits
 
     return recipe, load_splits(recipe)
 
@@ -114,7 +114,7 @@ def test_no_person_in_two_splits_with_oversampling_and_relabeling(leaky_setup):
     assert all(people) and not (people[0] & people[1] or people[0] & people[2] or people[1] & people[2])
     assert len(splits.relabelled) > 0
     # every image the training loader yields, the oversampled repeats included, is a training person's
-    loader, _ = train_loader(splits, recipe)
+    loader, _ = train_loader(splits, loader_settings(recipe))
     parts = loader.dataset.parts
     assert len(parts) == 3, "factor 3: the old classes are seen twice more"
     person = dict(zip(splits.train.keys, splits.train.groups, strict=True))
@@ -124,7 +124,7 @@ def test_no_person_in_two_splits_with_oversampling_and_relabeling(leaky_setup):
 
 def test_oversampled_images_come_from_the_training_split_only(leaky_setup):
     recipe, splits = leaky_setup
-    loader, _ = train_loader(splits, recipe)
+    loader, _ = train_loader(splits, loader_settings(recipe))
     main, *extra = loader.dataset.parts
     old = oversampled_classes("old", splits.train.classes)
     assert old == [2, 5, 8, 11, 14, 17]
@@ -246,7 +246,7 @@ def test_greedy_soup_selects_on_val_only(tmp_path, tracking_uri, mask_root, monk
     monkeypatch.setattr(Scorer, "logits", logits)
     recipe = load_recipe(recipe_path)
     report = soup_step.make_soup(recipe, {}, soup_step.SoupOptions(bn_recalibrate="off"))
-    from soups.data import load_splits
+    from soups.recipe import load_splits
 
     splits = load_splits(load_recipe(recipe_path))
     n_val, n_test = len(splits.val), len(splits.test)
@@ -267,6 +267,7 @@ def test_bn_recalibration_reads_training_images_only_and_the_shipped_soup_scores
     from soups import data, evaluate
     from soups.evaluate import EvalSet, Scorer
     from soups.models import load_checkpoint
+    from soups.recipe import load_splits
     from soups.steps.soup import step as soup_step
 
     recipe_path = write_recipe(
@@ -296,7 +297,7 @@ def test_bn_recalibration_reads_training_images_only_and_the_shipped_soup_scores
     report = soup_step.make_soup(
         load_recipe(recipe_path), {}, soup_step.SoupOptions(method="uniform", bn_recalibrate="on")
     )
-    splits = data.load_splits(load_recipe(recipe_path))
+    splits = load_splits(load_recipe(recipe_path))
     bn_keys, bn_decoded = decoded["decode train (BatchNorm)"]
     assert set(bn_keys) <= set(splits.train.keys) and not set(bn_keys) & (
         set(splits.val.keys) | set(splits.test.keys)

@@ -13,7 +13,7 @@ from soups.batches import train_loader
 from soups.data import make_splits
 from soups.distributed import RankBatches, World
 from soups.layouts import read_layout
-from soups.recipe import Recipe, load_recipe
+from soups.recipe import Recipe, load_recipe, loader_settings
 from soups.steps.finetune import finetune, resume
 from soups.train import fit
 from tests.conftest import TINY, make_imagefolder, write_recipe
@@ -50,7 +50,7 @@ def test_ranks_augment_their_shares_exactly_as_one_process_augments_the_batch(co
     recipe = Recipe(**{**TINY, "data": str(colours), "layout": "imagefolder", **given})
 
     def epoch(world: World, source=splits.train) -> list:
-        loader = train_loader(dataclasses.replace(splits, train=source), recipe, world)[0]
+        loader = train_loader(dataclasses.replace(splits, train=source), loader_settings(recipe), world)[0]
         assert loader.num_workers == workers
         return [images for images, _ in loader]
 

@@ -11,7 +11,7 @@ import torch
 
 from soups import SoupsError, tracking
 from soups.models import create_model, head_keys, load_checkpoint, load_start, weights_digest
-from soups.recipe import load_recipe
+from soups.recipe import load_recipe, load_splits
 from soups.steps.finetune import finetune, make_start
 from soups.steps.soup.step import SoupOptions, make_soup, soup_for_sweep
 from tests.conftest import ROOT, TINY, write_recipe
@@ -259,9 +259,8 @@ def test_a_start_whose_process_died_is_taken_over_not_waited_for(
 
     monkeypatch.setenv("SOUPS_CACHE", str(tmp_path / "cache"))
     recipe = load_recipe(recipe_path, {"start": "auto"})
-    from soups import data
 
-    split = data.load_splits(recipe).fingerprint
+    split = load_splits(recipe).fingerprint
     experiment = tracking.ensure_experiment("starts")
     dead = start_claims.claim(experiment, recipe.model, split, "start ft 1 ep")
     mlflow.MlflowClient().set_tag(dead, tracking.HEARTBEAT, "0")
@@ -308,7 +307,6 @@ def test_members_racing_into_an_empty_server_share_one_start(recipe_path, tmp_pa
 def test_a_start_that_fails_before_training_frees_its_claim_at_once(recipe_path, tracking_uri):
     """The claimed start run ends FAILED when its process fails to train it, so that the members
     waiting for it claim again at once instead of after its heartbeat goes stale."""
-    from soups import data
     from soups.starts import auto_start
 
     recipe = load_recipe(recipe_path, {"start": "auto"})
@@ -318,7 +316,7 @@ def test_a_start_that_fails_before_training_frees_its_claim_at_once(recipe_path,
         raise RuntimeError("out of memory")
 
     with pytest.raises(RuntimeError, match="out of memory"):
-        auto_start(recipe, data.load_splits(recipe).fingerprint, experiment, broken)
+        auto_start(recipe, load_splits(recipe).fingerprint, experiment, broken)
     (claim,) = runs_by_role("start")
     assert claim.info.status == "FAILED" and "failed before training" in claim.data.tags[tracking.STOPPED]
 
@@ -344,11 +342,10 @@ def test_a_sweep_into_an_empty_store_makes_its_start_first(recipe_path, tracking
 def test_a_start_finished_during_the_settle_is_used_not_trained_again(recipe_path, tracking_uri, monkeypatch):
     """A start that finishes between the search that found none and the claim's settle is taken:
     the claim is withdrawn and nobody trains a second start."""
-    from soups import data
     from soups.tracking import start_claims
 
     recipe = load_recipe(recipe_path, {"start": "auto"})
-    split = data.load_splits(recipe).fingerprint
+    split = load_splits(recipe).fingerprint
     experiment = tracking.ensure_experiment("starts")
     client = mlflow.MlflowClient()
     other = {}
@@ -369,7 +366,6 @@ def test_a_start_finished_during_the_settle_is_used_not_trained_again(recipe_pat
 def test_a_claimant_whose_start_was_taken_over_goes_back_to_waiting(recipe_path, tracking_uri):
     """Another process marked this start FAILED (its heartbeat looked stale): it refuses to finish
     it and takes part in the claim again, instead of failing its member."""
-    from soups import data
     from soups.starts import auto_start
 
     recipe = load_recipe(recipe_path, {"start": "auto"})
@@ -382,6 +378,6 @@ def test_a_claimant_whose_start_was_taken_over_goes_back_to_waiting(recipe_path,
             mlflow.MlflowClient().set_terminated(run_id, "FAILED")  # what a taker-over does
             tracking.check_still_claimed(run_id)
 
-    start = auto_start(recipe, data.load_splits(recipe).fingerprint, experiment, make)
+    start = auto_start(recipe, load_splits(recipe).fingerprint, experiment, make)
     assert len(made) == 2 and start == f"runs:/{made[1]}"
     assert mlflow.MlflowClient().get_run(made[0]).info.status == "FAILED"

@@ -6,8 +6,8 @@ import optuna
 import pytest
 
 from soups import SoupsError
-from soups.steps.sweep import soups as sweep_soups
-from soups.steps.sweep.soups import BEAT_ATTR, LOCK_SUFFIX, STALE_S, due, soup_every, take_lock
+from soups.steps.sweep import souping as sweep_soups
+from soups.steps.sweep.souping import BEAT_ATTR, LOCK_SUFFIX, STALE_S, due, soup_every, take_lock
 
 
 def test_soup_option_reads_end_none_and_every_k():

@@ -9,7 +9,7 @@ from soups.data import decode, make_splits
 from soups.evaluate import EvalSet, confusion, macro_f1, metrics, predict
 from soups.layouts import read_layout
 from soups.models import create_model, normalisation
-from soups.recipe import Recipe
+from soups.recipe import Recipe, loader_settings
 from soups.steps.finetune import train_config
 from soups.train import fit, warmup_cosine
 from tests.conftest import TINY, make_imagefolder
@@ -25,7 +25,7 @@ def setup(root, **changes):
     splits = make_splits(read_layout("imagefolder", root), recipe.val_ratio, recipe.test_ratio, 0)
     torch.manual_seed(0)
     model = create_model(recipe.model, 3)
-    loader, _ = train_loader(splits, recipe)
+    loader, _ = train_loader(splits, loader_settings(recipe))
     val = EvalSet.from_decoded(decode(splits.val, recipe.img_size), 3)
     cfg = train_config(recipe)
     return model, loader, val, cfg
@@ -79,10 +79,10 @@ def test_augmented_loader_is_reproducible(mask_root):
             **{**TINY, "data": str(mask_root), "layout": "mask", "aug": "heavy", "workers": workers},
             cache_mb=cache_mb,
         )
-        loader = train_loader(splits, recipe, device=torch.device("cpu"))[0]
+        loader = train_loader(splits, loader_settings(recipe), device=torch.device("cpu"))[0]
         assert loader.num_workers == workers
         first = [b[0] for b in loader]
-        again = [b[0] for b in train_loader(splits, recipe, device=torch.device("cpu"))[0]]
+        again = [b[0] for b in train_loader(splits, loader_settings(recipe), device=torch.device("cpu"))[0]]
         assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 
 
@@ -92,9 +92,9 @@ def test_loader_processes_only_where_they_overlap_with_the_step(mask_root):
     splits = make_splits(read_layout("mask", mask_root), 0.25, 0.25, 0)
     base = {**TINY, "data": str(mask_root), "layout": "mask", "workers": 2}
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert train_loader(splits, Recipe(**base), device=cpu)[0].num_workers == 0
-    assert train_loader(splits, Recipe(**base, cache_mb=0), device=cpu)[0].num_workers == 2
-    assert train_loader(splits, Recipe(**base), device=gpu)[0].num_workers == 2
+    assert train_loader(splits, loader_settings(Recipe(**base)), device=cpu)[0].num_workers == 0
+    assert train_loader(splits, loader_settings(Recipe(**base, cache_mb=0)), device=cpu)[0].num_workers == 2
+    assert train_loader(splits, loader_settings(Recipe(**base)), device=gpu)[0].num_workers == 2
 
 
 def test_ema_weights_are_what_is_validated_and_kept(colours):

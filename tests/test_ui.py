@@ -11,7 +11,7 @@ import mlflow
 import pytest
 
 from soups import data, tracking
-from soups.recipe import load_recipe
+from soups.recipe import load_recipe, load_splits
 from soups.steps.evaluate import evaluate_runs
 from soups.steps.finetune import finetune, make_start
 from soups.steps.infer import InferOptions, infer
@@ -90,7 +90,7 @@ def test_every_run_has_a_readable_name_and_a_given_name_wins(pipeline):
 
 def test_runs_log_the_data_they_used_as_mlflow_datasets(pipeline):
     p = pipeline
-    splits = data.load_splits(load_recipe(p["work"] / "tiny.yaml"))
+    splits = load_splits(load_recipe(p["work"] / "tiny.yaml"))
 
     def inputs(run_id):
         return {
@@ -108,7 +108,7 @@ def test_runs_log_the_data_they_used_as_mlflow_datasets(pipeline):
     }
     assert inputs(p["soup"].run_id)["validation"] == member["validation"]
     assert inputs(p["evaluation"])["test"] == ("clothes-photos/test", data.digest(splits.test))
-    other = data.load_splits(load_recipe(p["work"] / "tiny.yaml", {"split_seed": 1}))
+    other = load_splits(load_recipe(p["work"] / "tiny.yaml", {"split_seed": 1}))
     assert data.digest(other.val) != data.digest(splits.val), "the digest follows the split"
 
 

@@ -2,7 +2,7 @@
 asks of one, so that no other module branches on a layout's name.
 
 A layout reads a folder into parts (`pool`, and `val` / `test` where the data fixes them) of
-`data.Samples`; `data.make_splits` cuts the rest as a pure function of the data and `split_seed`,
+`soups.samples.Samples`; `data.make_splits` cuts the rest as a pure function of the data and `split_seed`,
 never splitting a group. Adding one: a file here that calls `register(Layout(...))`, its import
 below, and a test (tests/test_layouts.py runs every registered layout through the same contract).
 `files.py` holds what the layouts that read image files share.

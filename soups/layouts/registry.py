@@ -81,14 +81,14 @@ def read_layout(name: str, data: str | Path, **options) -> dict:
     return {**layout.read(data_root(data), **given), "layout": name}  # errors name it
 
 
-def inference_inputs(recipe, classes: list[str]) -> Samples | None:
-    """The images the recipe's layout names for `infer` (mask: eval/), or None: infer then
+def inference_inputs(layout: str, data: str | Path, classes: list[str]) -> Samples | None:
+    """The images `layout` names for `infer` under `data` (mask: eval/), or None: infer then
     predicts the test split of the model's data."""
-    inputs = get(recipe.layout).inputs
-    return None if inputs is None else inputs(data_root(recipe.data), classes)
+    inputs = get(layout).inputs
+    return None if inputs is None else inputs(data_root(data), classes)
 
 
-def every_image(recipe, classes: list[str]) -> Samples:
-    """Every image under the recipe's data root, whatever its layout (infer's whole_folder): it
-    may hold the images a model trained on."""
-    return unlabelled(data_root(recipe.data), classes)
+def every_image(data: str | Path, classes: list[str]) -> Samples:
+    """Every image under the data root, whatever its layout (infer's whole_folder): it may hold
+    the images a model trained on."""
+    return unlabelled(data_root(data), classes)

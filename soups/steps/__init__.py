@@ -8,5 +8,6 @@ hands it the other step as a function.
 - `evaluate`: test scores of every ingredient run
 - `soup/`: rank, cook, report and register a soup (`step`, `ingredients`, `report`, `publish`)
 - `infer`: predictions of the champion (and an ensemble beside it)
-- `sweep/`: an Optuna study whose trials are ingredient runs, and the soups that follow it
+- `sweep/`: an Optuna study whose trials are ingredient runs (`step`, `study`), and the soups that
+  follow it (`souping`)
 """

@@ -20,7 +20,7 @@ from soups.evaluate import EvalSet, attribute_accuracy, default_device
 from soups.losses import objective
 from soups.models import Checkpoint, create_model, keep_locally, normalisation, save_checkpoint
 from soups.options import option
-from soups.recipe import Recipe, from_params, params, run_name, to_yaml
+from soups.recipe import Recipe, from_params, load_splits, loader_settings, params, run_name, to_yaml
 from soups.run_notes import data_parts, training_note
 from soups.starts import auto_start, freeze_all_but_head, initial_model, start_recipe
 from soups.train import TrainConfig, fit
@@ -107,7 +107,7 @@ def tracked_training(
     `start: auto` is found or made (`starts.auto_start`) before its own run starts."""
     world = distributed.from_env()
     with distributed.joined(world):
-        splits = data.load_splits(recipe)
+        splits = load_splits(recipe)
         if role == "ingredient" and recipe.start == "auto":
             experiment_id = tracking.step_experiment(recipe.experiment, parent) if world.is_main else ""
             make = partial(make_start, start_recipe(recipe))
@@ -156,7 +156,7 @@ def train_silently(role: str, recipe: Recipe, splits: data.Splits, world: distri
     model = create_model(recipe.model, len(splits.train.classes))
     if role == "start" and recipe.start_mode == "probe":
         freeze_all_but_head(model)
-    loader, _ = train_loader(splits, recipe, world, training_device(world))
+    loader, _ = train_loader(splits, loader_settings(recipe), world, training_device(world))
     state = distributed.broadcast(None, world)
     fit(
         model,
@@ -202,7 +202,7 @@ def train(
     epochs; `state` continues a run from one. Returns the checkpoint."""
     classes = splits.train.classes
     mean, std = normalisation(model)
-    loader, skipped = train_loader(splits, recipe, world, training_device(world))
+    loader, skipped = train_loader(splits, loader_settings(recipe), world, training_device(world))
     val = data.decode(splits.val, recipe.img_size, recipe.workers, recipe.skip_bad, "decode val")
     run.log_training_data(
         len(classes),

@@ -25,7 +25,7 @@ from soups.predictions import (
     vote_on_files,
     write_atomically,
 )
-from soups.recipe import Recipe, registered_name
+from soups.recipe import Recipe, load_splits, registered_name
 from soups.run_notes import data_part, rebuilt
 
 log = logging.getLogger(__name__)
@@ -123,8 +123,8 @@ class Inputs:
 def inputs_for(recipe: Recipe, given: dict, opts: InferOptions, model_uri: str, main: Checkpoint) -> Inputs:
     """Every image under data when asked; else the layout's own inputs; else the model's test split."""
     if opts.whole_folder:
-        return Inputs(layouts.every_image(recipe, main.classes), "folder", recipe)
-    own = layouts.inference_inputs(recipe, main.classes)
+        return Inputs(layouts.every_image(recipe.data, main.classes), "folder", recipe)
+    own = layouts.inference_inputs(recipe.layout, recipe.data, main.classes)
     if own is not None:
         return Inputs(own, "inference", recipe)
     model_recipe, test = model_test_split(model_uri, main, recipe, given)
@@ -149,7 +149,7 @@ def model_test_split(model_uri: str, ckpt: Checkpoint, recipe: Recipe, given: di
     of the run that trained it, else from `recipe`; either way checked against the split the
     checkpoint records. The recipe's max_test may take fewer of it."""
     run = training_run(model_uri)
-    model_recipe, splits = rebuilt(run, given) if run is not None else (recipe, data.load_splits(recipe))
+    model_recipe, splits = rebuilt(run, given) if run is not None else (recipe, load_splits(recipe))
     if splits.fingerprint != ckpt.split:
         raise SoupsError(
             f"{model_uri} was trained on split {ckpt.split}, the data at {model_recipe.data} splits as "
@@ -222,7 +222,7 @@ def infer(recipe: Recipe, opts: InferOptions, given: dict | None = None) -> Infe
         samples = inputs.samples
         context = "test" if inputs.part == "test" else "inference"
         run.log_datasets([data_part(inputs.recipe, inputs.part, samples, context)])
-        pixels = Pixels(samples, recipe)
+        pixels = Pixels(samples, recipe.workers, recipe.skip_bad)
         images = pixels(main.img_size)
         truth = images.labels if inputs.part == "test" else None  # only the test split is scored
         probs, spi = predict_member(main, images.pixels, opts.tta, default_device())

@@ -198,7 +198,7 @@ class Run:
         plt.close(figure)
 
     def log_soup(self, soup) -> None:
-        """A `soup_step.SoupReport`: the soup's params, metrics (the chosen method's as
+        """A `soups.steps.soup.report.SoupReport`: the soup's params, metrics (the chosen method's as
         `val_accuracy`, `test_accuracy`; each compared method's as `<method>_val_accuracy`, ...),
         the chosen method's curve and the ingredient table."""
         chosen = soup.chosen

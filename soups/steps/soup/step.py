@@ -12,11 +12,11 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
-from soups import SoupsError, data, options, tracking
+from soups import SoupsError, options, tracking
 from soups.evaluate import EvalSet, Scorer, default_device, has_batchnorm
 from soups.models import create_model, load_checkpoint, normalisation
 from soups.options import checked, option
-from soups.recipe import Recipe, registered_name
+from soups.recipe import Recipe, load_splits, registered_name
 from soups.run_notes import data_parts, rebuilt
 from soups.score_book import ScoreBook
 from soups.soup import METHODS, Kitchen, method
@@ -139,7 +139,7 @@ def make_soup(
             raise SoupsError(
                 f"registered_model={name!r}: quotes, backslashes and control characters are refused"
             ) from None
-    split = data.load_splits(recipe).fingerprint  # a wrong data folder fails before any run exists
+    split = load_splits(recipe).fingerprint  # a wrong data folder fails before any run exists
     with tracking.start_step("soup", recipe, f"{opts.method} soup") as run:
         g = gather(run, recipe, given, opts, split)
         run.log_split(g.splits.fingerprint)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -18,11 +19,11 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from soups import SoupsError, Stopped, data, options, tracking
+from soups import SoupsError, Stopped, options, tracking
 from soups.options import checked, option
-from soups.recipe import Recipe, load_recipe
+from soups.recipe import Recipe, load_recipe, load_splits
 from soups.starts import auto_start, start_recipe
-from soups.steps.sweep.soups import SoupJob, due, finish, request, soup_every
+from soups.steps.sweep.souping import SoupJob, due, finish, request, soup_every
 from soups.steps.sweep.study import (
     RUN_ATTR,
     DrawSampler,
@@ -88,7 +89,7 @@ class Steps:
     """The steps a sweep drives, handed in by its entry point (steps never import one another)."""
 
     finetune: Callable[..., str]  # finetune(recipe, parent, tags, on_epoch, on_start, resume) -> run id
-    make_start: Callable[[Recipe], str]  # the shared start, trained now -> its run id
+    make_start: Callable[[Recipe, str], str]  # (recipe, the start run claimed for it) -> its run id
     # soup(recipe, data options, parent run, continue_from) -> (soup run id, a line to log); a
     # module-level function: it crosses into the background soup's process
     soup: Callable[[Recipe, dict, str, str], tuple[str, str]]
@@ -155,6 +156,8 @@ def sweep(recipe_path: str, recipe: Recipe, given: dict, opts: SweepOptions, ste
     summary into the parent run. Returns what to print."""
     checked(opts)
     every = soup_every(opts.soup)
+    if every is not None:
+        picklable(steps.soup)
     if opts.trials < 1:
         raise SoupsError(f"trials={opts.trials} must be >= 1")
     space = {k: v for k, v in recipe.space.items() if k not in given}  # explicit values stay fixed
@@ -209,9 +212,17 @@ def sweep(recipe_path: str, recipe: Recipe, given: dict, opts: SweepOptions, ste
     )
 
 
+def picklable(soup) -> None:
+    """The soup step crosses into the background soup's process: refuse it now, not after a trial."""
+    try:
+        pickle.dumps(soup)
+    except (pickle.PicklingError, AttributeError, TypeError) as e:
+        raise SoupsError(f"the sweep's soup step must be a module-level function: {e}") from None
+
+
 def sweep_soup(soup, recipe_path: str, given: dict, parent: str, experiment: str, continue_from: str):
     """One soup of the sweep's completed trials, continuing `continue_from` (the background
-    process of `sweep.soups` runs it). Returns the soup run id and a line to log."""
+    process of `souping` runs it). Returns the soup run id and a line to log."""
     recipe = load_recipe(recipe_path, {**given, "experiment": experiment})
     return soup(recipe, {k: given[k] for k in ("data", "layout") if k in given}, parent, continue_from)
 
@@ -241,13 +252,13 @@ def create_parent(
     return parent
 
 
-def sweep_start(recipe: Recipe, experiment_id: str, make_start: Callable[[Recipe], str]) -> str:
+def sweep_start(recipe: Recipe, experiment_id: str, make_start: Callable[[Recipe, str], str]) -> str:
     """The start every trial of the sweep loads: `auto` resolved once, here, to the newest matching
     start run (trained now when there is none), so that a start made while the sweep runs never
     splits its trials in two."""
     if recipe.start != "auto":
         return recipe.start
-    split = data.load_splits(recipe).fingerprint
+    split = load_splits(recipe).fingerprint
     return auto_start(recipe, split, experiment_id, partial(make_start, start_recipe(recipe)))
 
 
