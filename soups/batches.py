@@ -99,9 +99,9 @@ class LoaderSettings:
     cache_mb: int  # decoded images stay in memory when they fit
     skip_bad: bool
     aug: str
-    oversample: str = ""  # classes repeated with their own augmentation
-    oversample_factor: int = 1
-    oversample_aug: str = "none"
+    oversample: str  # classes repeated with their own augmentation ("" none)
+    oversample_factor: int
+    oversample_aug: str
 
 
 class TrainLoader(torch.utils.data.DataLoader):

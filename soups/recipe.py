@@ -9,16 +9,18 @@ import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
 
 from soups import SoupsError
-from soups.batches import LoaderSettings
 from soups.data import Splits, make_splits
 from soups.layouts import LAYOUTS, option_names, read_layout
 from soups.options import option
+
+if TYPE_CHECKING:
+    from soups.batches import LoaderSettings
 
 START_MODES = ("finetune", "probe")
 
@@ -222,19 +224,10 @@ def run_name(role: str, recipe: Recipe) -> str:
 
 
 def loader_settings(recipe: Recipe) -> LoaderSettings:
-    """What the training loader reads of a recipe."""
-    return LoaderSettings(
-        recipe.img_size,
-        recipe.batch_size,
-        recipe.seed,
-        recipe.workers,
-        recipe.cache_mb,
-        recipe.skip_bad,
-        recipe.aug,
-        recipe.oversample,
-        recipe.oversample_factor,
-        recipe.oversample_aug,
-    )
+    """What the training loader reads of a recipe (its fields bear the recipe's names)."""
+    from soups.batches import LoaderSettings  # the loader's torch stack, only when one is made
+
+    return LoaderSettings(**{f.name: getattr(recipe, f.name) for f in fields(LoaderSettings)})
 
 
 def load_splits(recipe: Recipe) -> Splits:

@@ -220,7 +220,8 @@ def test_imports_in_soups_are_absolute():
     assert relative == []
 
 
-# Library modules that take a recipe, and why: the recipe is what they are about.
+# Library modules that take a recipe, and why: the recipe is what they are about. (The tracking
+# package beside the library is not checked: a run's start logs its recipe.)
 RECIPE_READERS = {
     "soups.recipe": "the recipe itself, and where a step turns it into values (loader_settings, load_splits)",
     "soups.run_notes": "what a run says about the recipe it ran (its description, its data inputs)",
@@ -234,9 +235,19 @@ def reads_recipes(path: Path) -> list[str]:
     for node in ast.walk(tree(path)):
         if isinstance(node, ast.Name) and node.id == "Recipe":
             found.append(f"{rel(path)}:{node.lineno} names Recipe")
+        if isinstance(node, ast.ImportFrom) and any(a.name == "Recipe" for a in node.names):
+            found.append(f"{rel(path)}:{node.lineno} imports Recipe")
         if isinstance(node, ast.arg) and node.arg == "recipe":
             found.append(f"{rel(path)}:{node.lineno} takes a recipe")
     return found
+
+
+def test_the_recipe_check_finds_a_recipe_taken(tmp_path):
+    taker = tmp_path / "taker.py"
+    taker.write_text("from soups.recipe import Recipe\n\ndef f(recipe):\n    return recipe.img_size\n")
+    assert len(reads_recipes(taker)) == 2
+    (tmp_path / "values.py").write_text("def f(img_size: int, workers: int):\n    return img_size\n")
+    assert reads_recipes(tmp_path / "values.py") == []
 
 
 def test_the_library_takes_values_not_recipes():
