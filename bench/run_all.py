@@ -25,6 +25,7 @@ BENCHMARKS = [
     "ddp_throughput",
     "tracking_load",
     "incremental_soup",
+    "step_process",
 ]
 DOC = Path("docs/BENCHMARKS.md")
 

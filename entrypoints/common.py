@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import os
 import sys
@@ -16,6 +18,12 @@ from soups.recipe import OPTION_FIELDS
 from soups.soup import all_params
 
 DEFAULT_RECIPE = "configs/demo.yaml"
+
+# A step's process ends holding torch, timm and MLflow, and Python's teardown then searches their
+# half a million objects for reference cycles: 1.3 s of a step's ~5 s fixed cost here. Frozen objects
+# are left out of that search (what they hold in cycles is freed by the OS, not by Python; the files
+# a step writes are closed by their `with`, and exit handlers, MLflow's included, still run).
+atexit.register(gc.freeze)
 
 _TYPES = {bool: click.BOOL, int: click.INT, float: click.FLOAT, str: click.STRING}
 

@@ -56,7 +56,7 @@ def unparsable_folder(root, tmp_path):
 
 
 def unknown_model(root, tmp_path):
-    return ["--model", "efficientnet_b99"], "efficientnet_b99"
+    return ["--model", "efficientnet_b99"], "unknown timm model 'efficientnet_b99'"
 
 
 def misfit_pretrained(root, tmp_path):
@@ -70,7 +70,7 @@ def nan_loss(root, tmp_path):
 
 
 def negative_index(root, tmp_path):
-    return ["--i", "-1"], "i=-1"
+    return ["--i", "-1"], "i=-1 must be >= 0"
 
 
 def unknown_recipe_key(root, tmp_path):

@@ -53,17 +53,23 @@ def shown(uri: str | None = None) -> str:
 # a server being restarted, far shorter than MLflow's own retries (7 with exponential backoff,
 # 260 s measured) that suit a server answering slowly or rate-limiting.
 CONNECT_WAIT_S = 15.0
+CONNECT_WAIT_ENV = "SOUPS_CONNECT_WAIT_S"  # overrides it (tests; a server that takes longer to restart)
 
 
-def refused(uri: str, wait_s: float = CONNECT_WAIT_S) -> str | None:
+def connect_wait_s() -> float:
+    return float(os.environ.get(CONNECT_WAIT_ENV) or CONNECT_WAIT_S)
+
+
+def refused(uri: str, wait_s: float | None = None) -> str | None:
     """Why nothing accepts TCP connections at the server's host and port after trying for
-    `wait_s` seconds, or None as soon as something does (slow to answer or not: MLflow's retries
-    handle that)."""
+    `wait_s` seconds (`connect_wait_s()` unless given), or None as soon as something does (slow
+    to answer or not: MLflow's retries handle that)."""
     parts = urllib.parse.urlsplit(uri)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     proxy = urllib.request.getproxies().get(parts.scheme)
     if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
         return None  # reached through a proxy: only MLflow's own requests can tell
+    wait_s = connect_wait_s() if wait_s is None else wait_s
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -81,7 +87,7 @@ def check_access(uri: str) -> None:
     a one-line error here, not a traceback in the middle of a step."""
     if why := refused(uri):
         raise Unreachable(
-            f"tracking server {shown(uri)} unreachable after {CONNECT_WAIT_S:.0f} s: is it running? ({why})"
+            f"tracking server {shown(uri)} unreachable after {connect_wait_s():g} s: is it running? ({why})"
         )
     try:
         MlflowClient(uri).search_experiments(max_results=1)
