@@ -31,6 +31,60 @@ def loader_rate(loader, limit: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
+def loader_medians(decoding, cached, n: int, repeats: int) -> tuple[float, float]:
+    """Median images/s of an epoch decoding and of one from the cache, `repeats` epochs each."""
+    rates = {"decoding": [], "cached": []}
+    for r in range(repeats):  # alternate the sides: the machine's load drifts
+        for side in ("decoding", "cached") if r % 2 == 0 else ("cached", "decoding"):
+            rates[side].append(loader_rate(decoding if side == "decoding" else cached, n))
+    uncached_rate, cached_rate = (statistics.median(rates[k]) for k in ("decoding", "cached"))
+    return uncached_rate, cached_rate
+
+
+def training_rate(recipe, classes: int, loader, steps: int) -> float:
+    """Images/s the recipe's model consumes in `steps` training steps fed by `loader`."""
+    model = create_model(recipe.model, classes).train()
+    mean, std = normalisation(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = CrossEntropy(0.1)
+    batches = iter(loader)
+    x, y = next(batches)
+    loss_fn(model, model_input(x, mean, std), y).backward()  # warm-up step, not timed
+    seen, start = 0, time.perf_counter()
+    for _ in range(steps):
+        x, y = next(batches, None) or next(iter(loader))
+        opt.zero_grad()
+        loss_fn(model, model_input(x, mean, std), y).backward()
+        opt.step()
+        seen += len(x)
+    return seen / (time.perf_counter() - start)
+
+
+def rows(recipe, n: int, decode_s: float, repeats: int, uncached_rate, cached_rate, model_rate, bound):
+    """The report rows: the loader against the model, and the cache against decoding."""
+    size = f"{recipe.model} at {recipe.img_size}px, batch {recipe.batch_size}, {recipe.workers} workers"
+    return [
+        {
+            "what": f"an epoch decoding {n} JPEGs 384x512: loader vs model ({size})",
+            "a": f"loader {uncached_rate:.0f} img/s",
+            "b": f"model {model_rate:.1f} img/s",
+            "ratio": f"loader {uncached_rate / model_rate:.1f}x the model",
+            "target": f"an epoch is bound by {bound}",
+            "ok": None,
+        },
+        {
+            "what": "an epoch from the decoded-image cache (decoded once in "
+            f"{decode_s:.1f} s, {n * recipe.img_size**2 * 3 / 2**20:.0f} MiB) vs decoding, "
+            f"alternated, median of {repeats} epochs each",
+            "a": f"loader decoding {uncached_rate:.0f} img/s",
+            "b": f"loader from cache {cached_rate:.0f} img/s",
+            "ratio": f"{cached_rate / uncached_rate:.1f}x faster",
+            "target": "cache >= decoding",
+            "ok": cached_rate >= uncached_rate,
+        },
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--recipe", default="configs/mask.yaml")
@@ -48,54 +102,12 @@ def main() -> None:
     start = time.perf_counter()
     loader, _ = train_loader(splits, loader_settings(cached))  # decodes the split once, into memory
     decode_s = time.perf_counter() - start
-    rates = {"decoding": [], "cached": []}
-    for r in range(args.repeats):  # alternate the sides: the machine's load drifts
-        for side in ("decoding", "cached") if r % 2 == 0 else ("cached", "decoding"):
-            rates[side].append(loader_rate(decoding if side == "decoding" else loader, n))
-    uncached_rate, cached_rate = (statistics.median(rates[k]) for k in ("decoding", "cached"))
-
-    model = create_model(cached.model, len(splits.train.classes)).train()
-    mean, std = normalisation(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss_fn = CrossEntropy(0.1)
-    batches = iter(loader)
-    x, y = next(batches)
-    loss_fn(model, model_input(x, mean, std), y).backward()  # warm-up step, not timed
-    seen, start = 0, time.perf_counter()
-    for _ in range(args.steps):
-        x, y = next(batches, None) or next(iter(loader))
-        opt.zero_grad()
-        loss_fn(model, model_input(x, mean, std), y).backward()
-        opt.step()
-        seen += len(x)
-    model_rate = seen / (time.perf_counter() - start)
+    uncached_rate, cached_rate = loader_medians(decoding, loader, n, args.repeats)
+    model_rate = training_rate(cached, len(splits.train.classes), loader, args.steps)
     slowest = min(uncached_rate, model_rate)
     bound = "the model" if model_rate <= uncached_rate else "the loader"
-    size = f"{cached.model} at {cached.img_size}px, batch {cached.batch_size}, {cached.workers} workers"
-    report(
-        "input_pipeline",
-        [
-            {
-                "what": f"an epoch decoding {n} JPEGs 384x512: loader vs model ({size})",
-                "a": f"loader {uncached_rate:.0f} img/s",
-                "b": f"model {model_rate:.1f} img/s",
-                "ratio": f"loader {uncached_rate / model_rate:.1f}x the model",
-                "target": f"an epoch is bound by {bound}",
-                "ok": None,
-            },
-            {
-                "what": "an epoch from the decoded-image cache (decoded once in "
-                f"{decode_s:.1f} s, {n * cached.img_size**2 * 3 / 2**20:.0f} MiB) vs decoding, "
-                f"alternated, median of {args.repeats} epochs each",
-                "a": f"loader decoding {uncached_rate:.0f} img/s",
-                "b": f"loader from cache {cached_rate:.0f} img/s",
-                "ratio": f"{cached_rate / uncached_rate:.1f}x faster",
-                "target": "cache >= decoding",
-                "ok": cached_rate >= uncached_rate,
-            },
-        ],
-        command(),
-    )
+    measured = rows(cached, n, decode_s, args.repeats, uncached_rate, cached_rate, model_rate, bound)
+    report("input_pipeline", measured, command())
     print(f"slowest stage {slowest:.1f} img/s: {bound} bounds an epoch")
 
 

@@ -49,6 +49,72 @@ def points(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
+def method_rows(idx, fold) -> list[dict]:
+    """Each soup method's test accuracy on the IDX files (A) and on the class folders (B)."""
+    rows = []
+    for method in ("greedy", "uniform"):
+        a, b = (next(d for d in s.dishes if d.method == method) for s in (idx, fold))
+        diff = 100 * (b.test_accuracy - a.test_accuracy)
+        rows.append(
+            {
+                "what": f"{method} soup test accuracy (BatchNorm recomputed), the demo recipe on the same "
+                "Fashion-MNIST images as IDX files (A) and as class folders (B)",
+                "a": f"{points(a.test_accuracy)} ({a.n_ingredients} kept)",
+                "b": f"{points(b.test_accuracy)} ({b.n_ingredients} kept)",
+                "ratio": f"{diff:+.2f} points",
+                "target": "within 0.3",
+                "ok": abs(diff) <= 0.3,
+            }
+        )
+    return rows
+
+
+def gain_rows(sides: dict) -> list[dict]:
+    """On each layout, the registered greedy soup against its best member."""
+    rows = []
+    for side, rep in sides.items():
+        gain = rep.chosen.test_gain
+        rows.append(
+            {
+                "what": f"{side}: the registered greedy soup (A) vs its best member (B), both scored with "
+                "BatchNorm recomputed on the same training images, full test set",
+                "a": points(rep.chosen.test_accuracy),
+                "b": points(rep.best_test_accuracy),
+                "ratio": f"{100 * gain.gain:+.2f} points [{100 * gain.low:+.2f}, {100 * gain.high:+.2f}]",
+                "target": "> 0",
+                "ok": gain.gain > 0,
+            }
+        )
+    return rows
+
+
+def listing_order_soup(recipe_path: str, folders: Path, members: int):
+    """The class folders' uniform soup again, its BatchNorm recomputed in listing order."""
+    # The same class-folder members, the uniform soup recalibrated on the same training images in
+    # the order the layout lists them (class by class), as soups did before.
+    import soups.steps.soup.ingredients as ingredients
+
+    ingredients.recalibration_order = in_listing_order
+    folders_args = {"data": str(folders), "layout": "imagefolder"}
+    return pipeline(recipe_path, folders_args, "folders", members, "uniform").chosen
+
+
+def order_row(fold, before) -> dict:
+    """The class folders' uniform soup recalibrated in a shuffled order (now) vs in listing order."""
+    shuffled = next(d for d in fold.dishes if d.method == "uniform")
+    diff = 100 * (shuffled.test_accuracy - before.test_accuracy)
+    return {
+        "what": "class folders, the same members: uniform soup with BatchNorm recomputed on 1,000 "
+        "training images in a shuffled order (A, now) vs the same images in listing order, class "
+        "by class (B, before)",
+        "a": points(shuffled.test_accuracy),
+        "b": points(before.test_accuracy),
+        "ratio": f"{diff:+.2f} points",
+        "target": ">= 0",
+        "ok": diff >= 0,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="configs/demo.yaml")
@@ -72,56 +138,10 @@ def main() -> None:
             args.recipe, {"data": str(folders), "layout": "imagefolder"}, "folders", args.members
         ),
     }
-    rows = []
     idx, fold = sides["IDX files"], sides["class folders"]
-    for method in ("greedy", "uniform"):
-        a, b = (next(d for d in s.dishes if d.method == method) for s in (idx, fold))
-        diff = 100 * (b.test_accuracy - a.test_accuracy)
-        rows.append(
-            {
-                "what": f"{method} soup test accuracy (BatchNorm recomputed), the demo recipe on the same "
-                "Fashion-MNIST images as IDX files (A) and as class folders (B)",
-                "a": f"{points(a.test_accuracy)} ({a.n_ingredients} kept)",
-                "b": f"{points(b.test_accuracy)} ({b.n_ingredients} kept)",
-                "ratio": f"{diff:+.2f} points",
-                "target": "within 0.3",
-                "ok": abs(diff) <= 0.3,
-            }
-        )
-    for side, rep in sides.items():
-        gain = rep.chosen.test_gain
-        rows.append(
-            {
-                "what": f"{side}: the registered greedy soup (A) vs its best member (B), both scored with "
-                "BatchNorm recomputed on the same training images, full test set",
-                "a": points(rep.chosen.test_accuracy),
-                "b": points(rep.best_test_accuracy),
-                "ratio": f"{100 * gain.gain:+.2f} points [{100 * gain.low:+.2f}, {100 * gain.high:+.2f}]",
-                "target": "> 0",
-                "ok": gain.gain > 0,
-            }
-        )
-    # The same class-folder members, the uniform soup recalibrated on the same training images in
-    # the order the layout lists them (class by class), as soups did before.
-    import soups.steps.soup.ingredients as ingredients
-
-    shuffled = next(d for d in fold.dishes if d.method == "uniform")
-    ingredients.recalibration_order = in_listing_order
-    folders_args = {"data": str(folders), "layout": "imagefolder"}
-    before = pipeline(args.recipe, folders_args, "folders", args.members, "uniform").chosen
-    diff = 100 * (shuffled.test_accuracy - before.test_accuracy)
-    rows.append(
-        {
-            "what": "class folders, the same members: uniform soup with BatchNorm recomputed on 1,000 "
-            "training images in a shuffled order (A, now) vs the same images in listing order, class "
-            "by class (B, before)",
-            "a": points(shuffled.test_accuracy),
-            "b": points(before.test_accuracy),
-            "ratio": f"{diff:+.2f} points",
-            "target": ">= 0",
-            "ok": diff >= 0,
-        }
-    )
+    rows = [*method_rows(idx, fold), *gain_rows(sides)]
+    before = listing_order_soup(args.recipe, folders, args.members)
+    rows.append(order_row(fold, before))
     report("layout_parity", rows, command())
 
 

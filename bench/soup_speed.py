@@ -129,36 +129,24 @@ def timed_recalibration():
         evaluate.recalibrate_bn = real
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--members", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each side, alternated")
-    parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args()
-    from soups.recipe import load_recipe, load_splits
-
-    recipe = load_recipe(RECIPE)
-    splits = load_splits(recipe)
-    size, n_cls = recipe.img_size, len(splits.train.classes)
-    val_evalset = EvalSet.from_decoded(data.decode(splits.val, size), n_cls)
-    sweep = members(args, splits, val_evalset)
+def checkpoints(sweep, recipe, n_cls: int, classes: list[str], mean, std, folder: Path) -> list[Path]:
+    """The sweep's members saved as checkpoint files, best val accuracy first."""
     order = sorted(range(len(sweep.states)), key=lambda k: -sweep.val[k])
-    work = Path(tempfile.gettempdir()) / "soups-bench" / "speed"
-    bn_rows = np.sort(np.random.default_rng(0).choice(len(splits.train), 1000, replace=False))
-    val_files = as_jpegs(splits.val, work / "val")
-    bn_files = as_jpegs(splits.train.subset(bn_rows), work / "bn")
-    model = create_model(recipe.model, n_cls)
-    mean, std = normalisation(model)
     paths = []
     for rank, k in enumerate(order):
-        path = work / "ckpts" / f"m{rank}.pt"
+        path = folder / f"m{rank}.pt"
         save_checkpoint(
-            Checkpoint(sweep.states[k], recipe.model, n_cls, splits.val.classes, size, "bench", mean, std),
+            Checkpoint(sweep.states[k], recipe.model, n_cls, classes, recipe.img_size, "bench", mean, std),
             path,
         )
         paths.append(path)
+    return paths
+
+
+def timed_sides(args, recipe, n_cls: int, paths, val_files, bn_files, mean, std):
+    """Each side's seconds per run (the sides alternated), the picks of each, and, for every run
+    of the soups side, its recalibration seconds, val images scored and images recalibrated on."""
+    size = recipe.img_size
 
     def decoded_once(early: bool):
         val = EvalSet.from_decoded(data.decode(val_files, size, args.workers), n_cls)
@@ -186,43 +174,70 @@ def main() -> None:
                     split.append((recal[0], scorer.images_scored, scorer.recalibration_images))
             timings[side].append(time.perf_counter() - start)
         assert len({tuple(p) for p in picks.values()}) == 1, f"picks differ: {picks}"
+    return timings, picks, split
+
+
+def rows(timings: dict, picks: dict, split: list, n: int, held: int, bn_images: int, size: int) -> list[dict]:
+    """The report rows: what decoding once saves, what early rejection saves, where soups' time goes."""
     seed_s, once_s, ours_s = (statistics.median(v) for v in timings.values())
     recal_s, scored, recal_images = split[-1]
-    n, held = len(paths), len(val_files)
     what = (
-        f"greedy soup, {n} real fine-tunes of the demo (ranked by val), {held} val + {len(bn_files)} "
+        f"greedy soup, {n} real fine-tunes of the demo (ranked by val), {held} val + {bn_images} "
         f"BatchNorm JPEGs -> {size}px, BatchNorm recalibrated; same picks {picks['soups']}"
     )
-    report(
-        "soup_speed",
-        [
-            {
-                "what": what + ": decoding once and streaming the average",
-                "a": f"seed-style {seed_s:.1f} s",
-                "b": f"decode once, full evaluations {once_s:.1f} s",
-                "ratio": f"{seed_s / once_s:.2f}x faster",
-                "target": "report",
-                "ok": None,
-            },
-            {
-                "what": what + ": exact early rejection",
-                "a": f"full evaluations {once_s:.1f} s ({n * held} val images)",
-                "b": f"early rejection {ours_s:.1f} s ({scored} val images scored)",
-                "ratio": f"{once_s / ours_s:.2f}x faster",
-                "target": "report",
-                "ok": None,
-            },
-            {
-                "what": what + ": where soups' time goes",
-                "a": f"BatchNorm recalibration {recal_s:.1f} s ({recal_images} training images forwarded)",
-                "b": f"the rest (scoring, loading) {ours_s - recal_s:.1f} s",
-                "ratio": f"{100 * recal_s / ours_s:.0f}% recalibration",
-                "target": "report",
-                "ok": None,
-            },
-        ],
-        command(),
+    return [
+        {
+            "what": what + ": decoding once and streaming the average",
+            "a": f"seed-style {seed_s:.1f} s",
+            "b": f"decode once, full evaluations {once_s:.1f} s",
+            "ratio": f"{seed_s / once_s:.2f}x faster",
+            "target": "report",
+            "ok": None,
+        },
+        {
+            "what": what + ": exact early rejection",
+            "a": f"full evaluations {once_s:.1f} s ({n * held} val images)",
+            "b": f"early rejection {ours_s:.1f} s ({scored} val images scored)",
+            "ratio": f"{once_s / ours_s:.2f}x faster",
+            "target": "report",
+            "ok": None,
+        },
+        {
+            "what": what + ": where soups' time goes",
+            "a": f"BatchNorm recalibration {recal_s:.1f} s ({recal_images} training images forwarded)",
+            "b": f"the rest (scoring, loading) {ours_s - recal_s:.1f} s",
+            "ratio": f"{100 * recal_s / ours_s:.0f}% recalibration",
+            "target": "report",
+            "ok": None,
+        },
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--members", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each side, alternated")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    from soups.recipe import load_recipe, load_splits
+
+    recipe = load_recipe(RECIPE)
+    splits = load_splits(recipe)
+    size, n_cls = recipe.img_size, len(splits.train.classes)
+    val_evalset = EvalSet.from_decoded(data.decode(splits.val, size), n_cls)
+    sweep = members(args, splits, val_evalset)
+    work = Path(tempfile.gettempdir()) / "soups-bench" / "speed"
+    bn_rows = np.sort(np.random.default_rng(0).choice(len(splits.train), 1000, replace=False))
+    val_files = as_jpegs(splits.val, work / "val")
+    bn_files = as_jpegs(splits.train.subset(bn_rows), work / "bn")
+    model = create_model(recipe.model, n_cls)
+    mean, std = normalisation(model)
+    paths = checkpoints(sweep, recipe, n_cls, splits.val.classes, mean, std, work / "ckpts")
+    timings, picks, split = timed_sides(args, recipe, n_cls, paths, val_files, bn_files, mean, std)
+    measured = rows(timings, picks, split, len(paths), len(val_files), len(bn_files), size)
+    report("soup_speed", measured, command())
 
 
 if __name__ == "__main__":

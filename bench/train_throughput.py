@@ -83,6 +83,67 @@ def inference_rate(model, evalset: EvalSet, mean, std, compiled: bool) -> tuple[
     return len(evalset) / second, first - second
 
 
+def training_rounds(recipe, splits, val: EvalSet, batches, classes: int, rounds: int, epochs: int):
+    """Rounds of each side in turn: the bare loop's img/s for each weight layout, and the product
+    fit's best warm epoch and first epoch."""
+    bare = {"eager, NCHW weights": [], "eager, channels_last": []}
+    product: list[float] = []
+    first_epoch: list[float] = []
+    for _ in range(rounds):
+        for name, cl in (("eager, NCHW weights", False), ("eager, channels_last", True)):
+            bare[name].append(bare_rate(batches, recipe.model, classes, cl, False)[0])
+        rates = product_rate(recipe, splits, val, epochs)
+        first_epoch.append(rates[0])
+        product.append(max(rates[1:] or rates))
+    return bare, product, first_epoch
+
+
+def training_rows(
+    size: str, first_epoch, best_name, best, ours, bare: dict, compiled: tuple[float, float] | None
+) -> list[dict]:
+    """The report rows on training: the fine-tune step vs the bare loop at its best, and the bare
+    loop's weight layouts (with torch.compile's img/s and compile seconds when `compiled`)."""
+    return [
+        {
+            "what": f"training img/s, {size}: the product's fine-tune step (fit + train_loader, best "
+            f"warm epoch; first epoch {max(first_epoch):.0f}) vs a bare timm loop at its best "
+            f"({best_name}) on the same batches",
+            "a": f"bare loop {best:.0f} img/s",
+            "b": f"fine-tune {ours:.0f} img/s",
+            "ratio": f"{ours / best:.2f}x the bare loop",
+            "target": ">= 0.9x",
+            "ok": ours >= 0.9 * best,
+        },
+        {
+            "what": "bare training loop: weights NCHW vs channels_last (input channels_last both)"
+            + (
+                f"; torch.compile + channels_last {compiled[0]:.0f} img/s after {compiled[1]:.0f} s"
+                if compiled
+                else ""
+            ),
+            "a": f"NCHW {max(bare['eager, NCHW weights']):.0f} img/s",
+            "b": f"channels_last {max(bare['eager, channels_last']):.0f} img/s",
+            "ratio": f"{max(bare['eager, channels_last']) / max(bare['eager, NCHW weights']):.2f}x",
+            "target": "",
+            "ok": None,
+        },
+    ]
+
+
+def scoring_row(images: int, eager_inf: float, comp_inf: float, comp_extra: float) -> dict:
+    """The report row on scoring: eager vs compiled inference, and when compiling pays off."""
+    return {
+        "what": f"scoring {images} test images (evaluate.predict, batch 128): eager vs "
+        f"torch.compile, which first spends {comp_extra:.0f} s compiling",
+        "a": f"eager {eager_inf:.0f} img/s",
+        "b": f"compiled {comp_inf:.0f} img/s",
+        "ratio": f"{comp_inf / eager_inf:.2f}x; pays off after "
+        f"{comp_extra / max(1 / eager_inf - 1 / comp_inf, 1e-9):,.0f} images a process",
+        "target": "",
+        "ok": None,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--recipe", default="configs/demo.yaml")
@@ -101,15 +162,9 @@ def main() -> None:
     loader, _ = train_loader(splits, loader_settings(recipe))
     batches = [(model_input(x, mean, std), y) for _ in range(args.epochs) for x, y in loader]
 
-    bare = {"eager, NCHW weights": [], "eager, channels_last": []}
-    product: list[float] = []
-    first_epoch: list[float] = []
-    for _ in range(args.rounds):
-        for name, cl in (("eager, NCHW weights", False), ("eager, channels_last", True)):
-            bare[name].append(bare_rate(batches, recipe.model, classes, cl, False)[0])
-        rates = product_rate(recipe, splits, val, args.epochs)
-        first_epoch.append(rates[0])
-        product.append(max(rates[1:] or rates))
+    bare, product, first_epoch = training_rounds(
+        recipe, splits, val, batches, classes, args.rounds, args.epochs
+    )
     compiled_train, compile_s = (
         bare_rate(batches, recipe.model, classes, True, True) if args.compile else (0.0, 0.0)
     )
@@ -124,44 +179,10 @@ def main() -> None:
     eager_inf, _ = inference_rate(model, test, mean, std, False)
     comp_inf, comp_extra = inference_rate(model, test, mean, std, True) if args.compile else (0.0, 0.0)
     size = f"{recipe.model} at {recipe.img_size}px, batch {recipe.batch_size}, aug {args.aug}"
-    rows = [
-        {
-            "what": f"training img/s, {size}: the product's fine-tune step (fit + train_loader, best "
-            f"warm epoch; first epoch {max(first_epoch):.0f}) vs a bare timm loop at its best "
-            f"({best_name}) on the same batches",
-            "a": f"bare loop {best:.0f} img/s",
-            "b": f"fine-tune {ours:.0f} img/s",
-            "ratio": f"{ours / best:.2f}x the bare loop",
-            "target": ">= 0.9x",
-            "ok": ours >= 0.9 * best,
-        },
-        {
-            "what": "bare training loop: weights NCHW vs channels_last (input channels_last both)"
-            + (
-                f"; torch.compile + channels_last {compiled_train:.0f} img/s after {compile_s:.0f} s"
-                if args.compile
-                else ""
-            ),
-            "a": f"NCHW {max(bare['eager, NCHW weights']):.0f} img/s",
-            "b": f"channels_last {max(bare['eager, channels_last']):.0f} img/s",
-            "ratio": f"{max(bare['eager, channels_last']) / max(bare['eager, NCHW weights']):.2f}x",
-            "target": "",
-            "ok": None,
-        },
-    ]
+    compiled = (compiled_train, compile_s) if args.compile else None
+    rows = training_rows(size, first_epoch, best_name, best, ours, bare, compiled)
     if args.compile:
-        rows.append(
-            {
-                "what": f"scoring {len(test)} test images (evaluate.predict, batch 128): eager vs "
-                f"torch.compile, which first spends {comp_extra:.0f} s compiling",
-                "a": f"eager {eager_inf:.0f} img/s",
-                "b": f"compiled {comp_inf:.0f} img/s",
-                "ratio": f"{comp_inf / eager_inf:.2f}x; pays off after "
-                f"{comp_extra / max(1 / eager_inf - 1 / comp_inf, 1e-9):,.0f} images a process",
-                "target": "",
-                "ok": None,
-            }
-        )
+        rows.append(scoring_row(len(test), eager_inf, comp_inf, comp_extra))
     report("train_throughput", rows, command())
 
 

@@ -84,10 +84,15 @@ def method_options() -> Callable[[Callable], Callable]:
     """One option per parameter of every registered soup method, declared once in its file."""
 
     def add(command: Callable) -> Callable:
-        for p in reversed(all_params()):
-            kind = click.Choice(p.choices) if p.choices else _TYPES[type(p.default)]
+        for f in reversed(all_params()):
+            choices = f.metadata.get("choices")
+            kind = click.Choice([str(c) for c in choices]) if choices else _TYPES[type(f.default)]
             command = click.option(
-                f"--{p.name}", type=kind, default=None, help=f"{p.help} [default: {p.default}]"
+                f"--{cli_name(f)}",
+                f.name,
+                type=kind,
+                default=None,
+                help=f"{f.metadata['help']} [default: {f.default}]",
             )(command)
         return command
 

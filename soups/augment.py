@@ -4,20 +4,21 @@ so evaluation needs no pipeline at all and stays deterministic."""
 
 from __future__ import annotations
 
-import albumentations as A
+from types import ModuleType
+from typing import Any
 
 from soups import SoupsError
 
 
-def _none(size: int) -> list:
+def _none(A: ModuleType, size: int) -> list:
     return []
 
 
-def _light(size: int) -> list:
+def _light(A: ModuleType, size: int) -> list:
     return [A.HorizontalFlip(p=0.5)]
 
 
-def _medium(size: int) -> list:
+def _medium(A: ModuleType, size: int) -> list:
     return [
         A.HorizontalFlip(p=0.5),
         A.Affine(scale=(0.9, 1.1), translate_percent=(-0.06, 0.06), rotate=(-10, 10), p=0.7),
@@ -25,7 +26,7 @@ def _medium(size: int) -> list:
     ]
 
 
-def _heavy(size: int) -> list:
+def _heavy(A: ModuleType, size: int) -> list:
     return [
         A.RandomResizedCrop(size=(size, size), scale=(0.5, 1.0), p=1.0),
         A.HorizontalFlip(p=0.5),
@@ -37,13 +38,17 @@ def _heavy(size: int) -> list:
     ]
 
 
+# The recipe's `aug` and `oversample_aug` take their choices from here: albumentations is imported
+# by `pipeline` alone, so reading the names costs nothing.
 PIPELINES = {"none": _none, "light": _light, "medium": _medium, "heavy": _heavy}
 
 
-def pipeline(name: str, size: int) -> A.Compose | None:
-    """The named training pipeline for `size`-pixel images, or None for `none`. Unseeded: the
-    training batches seed it image by image (`batches.SeededBatches`)."""
+def pipeline(name: str, size: int) -> Any:
+    """The named training pipeline (an `albumentations.Compose`) for `size`-pixel images, or None
+    for `none`. Unseeded: the training batches seed it image by image (`batches.SeededBatches`)."""
+    import albumentations as A
+
     if name not in PIPELINES:
         raise SoupsError(f"unknown augmentation aug={name!r}: use one of {', '.join(PIPELINES)}")
-    steps = PIPELINES[name](size)
+    steps = PIPELINES[name](A, size)
     return A.Compose(steps) if steps else None

@@ -15,9 +15,11 @@ import numpy as np
 import yaml
 
 from soups import SoupsError
+from soups.augment import PIPELINES
 from soups.data import Splits, make_splits
 from soups.layouts import LAYOUTS, option_names, read_layout
-from soups.options import option
+from soups.losses import LOSSES
+from soups.options import coerce, option
 
 if TYPE_CHECKING:
     from soups.batches import LoaderSettings
@@ -69,12 +71,17 @@ class Recipe:
         "Keep an exponential moving average of the weights with this decay (timm's ModelEmaV3, "
         "warmed up), validated and saved instead of the last weights (0: off).",
     )
-    aug: str = option("light", "Training augmentation: none | light | medium | heavy.")
+    aug: str = option(
+        "light",
+        "Training augmentation: light flips; medium adds small affine moves and colour jitter; heavy "
+        "adds random resized crops and coarse dropout (soups/augment.py).",
+        PIPELINES,
+    )
     loss: str = option(
         "cross_entropy",
         "Training loss: cross_entropy | focal | supcon (supervised contrastive on a projection head, "
         "added to cross-entropy).",
-        choices=("cross_entropy", "focal", "supcon"),
+        choices=LOSSES,
     )
     focal_gamma: float = option(2.0, "Focusing exponent of the focal loss.")
     supcon_weight: float = option(0.1, "Weight of the supervised-contrastive term (loss=supcon).")
@@ -84,9 +91,7 @@ class Recipe:
         "`old` (every >=60 class of the mask layout). Never val or test images.",
     )
     oversample_factor: int = option(2, "How many times an oversampled image is seen per epoch in all.")
-    oversample_aug: str = option(
-        "heavy", "Augmentation of the repeated images: none | light | medium | heavy."
-    )
+    oversample_aug: str = option("heavy", "Augmentation of the repeated images.", PIPELINES)
     relabel: str = option("", "Mask layout: YAML of label corrections by person id, applied at load time.")
     age_bins: str = option("30,60", "Mask layout: the two age boundaries, young < a <= middle < b <= old.")
     seed: int = option(0, "Seed for weight init of the head, data order and augmentation.")
@@ -138,35 +143,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         close = [k for k in FIELDS if k.startswith(key[:3])]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise SoupsError(f"unknown recipe key {key!r} in {where}{hint}")
-    f = FIELDS[key]
-    kind = type(f.default) if f.default is not dataclasses.MISSING else dict
-    try:
-        if kind is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                value = value.lower() in ("true", "1", "yes")
-            out = bool(value)
-        elif kind is int:
-            out = int(value) if not isinstance(value, float) or value.is_integer() else None
-            if out is None:
-                raise ValueError(value)
-        elif kind is float:
-            out = float(value)
-            if not math.isfinite(out):
-                raise ValueError(value)
-        elif kind is dict:
-            if not isinstance(value, dict):
-                raise ValueError(value)
-            out = value
-        else:
-            out = str(value)
-    except (TypeError, ValueError):
-        raise SoupsError(f"{where}: {key}={value!r} is not a valid {kind.__name__}") from None
-    choices = f.metadata.get("choices")
-    if choices and out not in choices:
-        raise SoupsError(f"{where}: {key}={out!r} must be one of {', '.join(choices)}")
-    return out
+    return coerce(FIELDS[key], value, where)
 
 
 def draw(space: dict, i: int) -> dict[str, Any]:

@@ -30,6 +30,9 @@ from soups.losses import CrossEntropy
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """The values the loop reads, filled from the recipe by name (`steps.finetune.train_config`):
+    their defaults and help are the recipe's, declared once in `soups.recipe`."""
+
     epochs: int
     lr: float
     weight_decay: float
@@ -37,9 +40,9 @@ class TrainConfig:
     clip_grad: float
     label_smoothing: float
     batch_size: int
-    ema: float = 0.0  # decay of a moving average of the weights that is validated and kept (0: off)
-    save_every: int = 0  # hand the training state to `on_state` every this many epochs (0: never)
-    sync_bn: bool = False  # with several processes: BatchNorm statistics over the global batch
+    ema: float  # decay of a moving average of the weights that is validated and kept (0: off)
+    save_every: int  # hand the training state to `on_state` every this many epochs (0: never)
+    sync_bn: bool  # with several processes: BatchNorm statistics over the global batch
 
 
 def warmup_cosine(total: int, warmup: int) -> Callable[[int], float]:

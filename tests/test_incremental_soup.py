@@ -82,6 +82,16 @@ def test_new_runs_ranked_above_considered_ones_are_named():
     assert fresh.new == ["a", "b"] and fresh.revisited == [] and fresh.continued_from == ""
 
 
+def says_what_it_continued(client, run_id: str, continued: str, old: list, new: list) -> None:
+    """The soup's registered version and run note name the soup it continued and its new runs."""
+    (version,) = client.search_model_versions(f"run_id = '{run_id}'")
+    tags = version.tags
+    assert tags[tracking.CONTINUED_FROM] == continued
+    assert tags[tracking.NEW_RUNS] == ",".join(new) and tags[tracking.CONSIDERED_RUNS] == ",".join(old + new)
+    note = client.get_run(run_id).data.tags[tracking.NOTE]
+    assert f"{len(new)} of {len(old + new)} candidate runs are new" in note and "(new)" in note
+
+
 @pytest.mark.slow
 def test_a_champion_of_four_then_two_new_members_scores_only_the_new_and_equals_starting_over(
     tmp_path, fmnist_root, tracking_uri, monkeypatch
@@ -135,14 +145,7 @@ def test_a_champion_of_four_then_two_new_members_scores_only_the_new_and_equals_
         assert len(later.table) == 6 and list(later.table.status) == list(scratch.table.status)
         assert list(later.table.new) == [False] * 4 + [True] * 2
 
-        (version,) = client.search_model_versions(f"run_id = '{later.run_id}'")
-        tags = version.tags
-        assert tags[tracking.CONTINUED_FROM] == first.run_id
-        assert tags[tracking.NEW_RUNS] == ",".join(new) and tags[tracking.CONSIDERED_RUNS] == ",".join(
-            old + new
-        )
-        note = client.get_run(later.run_id).data.tags[tracking.NOTE]
-        assert "2 of 6 candidate runs are new" in note and "(new)" in note
+        says_what_it_continued(client, later.run_id, first.run_id, old, new)
 
         # a third soup continues the second: nothing new, nothing scored for the method
         third = soup(method_params=params, continue_from=later.run_id)

@@ -45,6 +45,10 @@ def every_text_of_every_run(client, work: Path) -> str:
     return "\n".join(texts)
 
 
+def sh(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
 def test_scale_out_as_the_readme_says_puts_no_password_in_any_run(tmp_path, fmnist_root):
     recipe = write_recipe(
         tmp_path / "tiny.yaml",
@@ -76,28 +80,14 @@ def test_scale_out_as_the_readme_says_puts_no_password_in_any_run(tmp_path, fmni
             "secret",
         ]
         common += ["-P", f"recipe={recipe}", "-P", "trials=1", "-P", "pruner=none"]
-        ok = subprocess.run(
-            [*common, "-P", f"storage={storage}"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        ok = sh([*common, "-P", f"storage={storage}"], env)
         assert ok.returncode == 0, ok.stderr[-2000:]
         texts = every_text_of_every_run(client, tmp_path / "dl")
         assert "trials=1" in texts and "storage=postgresql" in texts, "the search reads what runs hold"
         assert SECRET not in texts and "s3cr" not in texts
         # the password in -P: refused in one line, and the run that recorded it is deleted
         with_password = storage.replace("postgres@", f"postgres:{SECRET}@")
-        refused = subprocess.run(
-            [*common, "-P", f"storage={with_password}", "-P", "study=other"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        refused = sh([*common, "-P", f"storage={with_password}", "-P", "study=other"], env)
         assert refused.returncode != 0
         (line,) = [x for x in refused.stderr.splitlines() if x.startswith("Error: storage=")]
         assert "carries a password" in line and "PGPASSWORD" in line and "s3cr" not in line

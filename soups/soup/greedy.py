@@ -16,10 +16,12 @@ averaging needs a shared start."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
 from soups import SoupsError
+from soups.options import option
 from soups.soup.core import (
     Candidate,
     RunningAverage,
@@ -31,7 +33,7 @@ from soups.soup.core import (
     no_usable,
     usable,
 )
-from soups.soup.registry import HeldOut, Kitchen, Param, register
+from soups.soup.registry import HeldOut, Kitchen, register
 
 ACCEPT_RULES = {
     "split": "rank the ingredients on one half of val and choose the best prefix on the other, or "
@@ -174,17 +176,18 @@ def split_prefix_soup(candidates: Iterable[Candidate], scorer: HeldOut) -> SoupR
     return result
 
 
+@dataclass(frozen=True)
+class GreedyOptions:
+    accept: str = option("split", "; ".join(f"{k}: {v}" for k, v in ACCEPT_RULES.items()), ACCEPT_RULES)
+    tie: str = option("ge", "; ".join(f"{k}: {v}" for k, v in TIE_RULES.items()), TIE_RULES)
+
+
 @register(
     "greedy",
     "the best rank-order prefix of the ingredients, ranked on half of val and chosen on the other "
     "(accept=split; each: the paper's rule, add each next one while val accuracy does not drop)",
     "Wortsman et al. 2022, Model soups, greedy soup: https://arxiv.org/abs/2203.05482",
-    params=(
-        Param(
-            "accept", "split", "; ".join(f"{k}: {v}" for k, v in ACCEPT_RULES.items()), tuple(ACCEPT_RULES)
-        ),
-        Param("tie", "ge", "; ".join(f"{k}: {v}" for k, v in TIE_RULES.items()), tuple(TIE_RULES)),
-    ),
+    options=GreedyOptions,
     curve_x="ingredients in the soup (accept=split: the top k on half A; each: candidates considered)",
 )
 def cook(kitchen: Kitchen, accept: str, tie: str) -> SoupResult:

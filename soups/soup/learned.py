@@ -6,6 +6,8 @@ measured on the images it was fitted on. It holds every ingredient at once: memo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,8 +15,9 @@ from torch.func import functional_call
 
 from soups import SoupsError
 from soups.data import model_input
+from soups.options import option
 from soups.soup.core import RunningAverage, SoupResult, StateDict, Step, no_usable, usable
-from soups.soup.registry import Kitchen, Param, register
+from soups.soup.registry import Kitchen, register
 
 MIB = 2**20
 SPLIT_SEED = 0  # which held-out images fit and which score: fixed, so that a rerun scores the same
@@ -93,22 +96,24 @@ def mix(states: list[StateDict], weights: torch.Tensor, layers: list[str]) -> St
     return out
 
 
+@dataclass(frozen=True)
+class LearnedOptions:
+    learned_epochs: int = option(5, "learned: passes over the fitting part of val.")
+    learned_lr: float = option(0.05, "learned: Adam learning rate of the mixing weights.")
+    learned_fit_share: float = option(0.5, "learned: share of val it fits on; it is scored on the rest.")
+    learned_max_mb: int = option(
+        4096,
+        "learned: holds every ingredient at once (about N + 3 models' weights plus one batch of "
+        "activations: 16 demo models take ~0.2 GiB, 16 resnet50 ~1.6 GiB); refuse beyond this many "
+        "MiB of ingredients.",
+    )
+
+
 @register(
     "learned",
     "per-layer mixing weights trained by gradient descent on half of val, scored on the other half",
     "Wortsman et al. 2022, Model soups, learned soup: https://arxiv.org/abs/2203.05482",
-    params=(
-        Param("learned_epochs", 5, "learned: passes over the fitting part of val."),
-        Param("learned_lr", 0.05, "learned: Adam learning rate of the mixing weights."),
-        Param("learned_fit_share", 0.5, "learned: share of val it fits on; it is scored on the rest."),
-        Param(
-            "learned_max_mb",
-            4096,
-            "learned: holds every ingredient at once (about N + 3 models' weights plus one batch of "
-            "activations: 16 demo models take ~0.2 GiB, 16 resnet50 ~1.6 GiB); refuse beyond this many "
-            "MiB of ingredients.",
-        ),
-    ),
+    options=LearnedOptions,
     streams=False,
 )
 def cook(

@@ -5,11 +5,13 @@ its MLflow params and its plots are generated from these declarations."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from soups import SoupsError
+from soups.options import cli_fields, filled
 from soups.soup.core import Candidate, SoupResult, StateDict
 
 
@@ -42,42 +44,23 @@ class Kitchen:
 
 
 @dataclass(frozen=True)
-class Param:
-    """One parameter of a soup method: an option of the soup step and a param of its run."""
-
-    name: str
-    default: Any
-    help: str
-    choices: tuple | None = None
-
-    def coerce(self, value: Any) -> Any:
-        kind = type(self.default)
-        try:
-            out = kind(value) if not isinstance(value, kind) else value
-        except (TypeError, ValueError):
-            raise SoupsError(f"{self.name}={value!r} must be a {kind.__name__}") from None
-        if self.choices and out not in self.choices:
-            raise SoupsError(f"{self.name}={out!r} must be one of {', '.join(map(str, self.choices))}")
-        return out
-
-
-@dataclass(frozen=True)
 class SoupMethod:
     name: str
     cook: Callable[..., SoupResult]  # cook(kitchen, **params) -> SoupResult
     summary: str  # one line for --help
     paper: str  # what it implements, with a link
-    params: tuple[Param, ...] = ()
+    options: type | None = None  # a dataclass of `soups.options.option` fields: the method's parameters
     needs_start: bool = False  # the shared starting weights (model stock, WiSE-FT)
     streams: bool = True  # O(1) state dicts in the number of candidates; False: holds them all
     curve_x: str = "candidates considered (rank by val accuracy)"  # x of the method's curve
 
+    @property
+    def params(self) -> list[dataclasses.Field]:
+        return cli_fields(self.options) if self.options else []
+
     def resolve(self, given: dict[str, Any]) -> dict[str, Any]:
         """This method's parameters: the given values (coerced and checked), else the defaults."""
-        return {
-            p.name: p.coerce(given[p.name]) if given.get(p.name) is not None else p.default
-            for p in self.params
-        }
+        return dataclasses.asdict(filled(self.options, given, "parameter")) if self.options else {}
 
     def __call__(self, kitchen: Kitchen, **params: Any) -> SoupResult:
         return self.cook(kitchen, **self.resolve(params))
@@ -87,16 +70,17 @@ METHODS: dict[str, SoupMethod] = {}
 
 
 def register(name: str, summary: str, paper: str, **declared: Any) -> Callable:
-    """Decorator: `@register("greedy", "...", "Wortsman et al. 2022 ...", params=(...))`."""
+    """Decorator: `@register("greedy", "...", "Wortsman et al. 2022 ...", options=GreedyOptions)`."""
 
     def add(cook: Callable[..., SoupResult]) -> Callable[..., SoupResult]:
         if name in METHODS:
             raise ValueError(f"soup method {name!r} registered twice")
-        names = [p.name for m in METHODS.values() for p in m.params]
-        clash = [p.name for p in declared.get("params", ()) if p.name in names]
+        names = [p.name for p in all_params()]
+        added = SoupMethod(name, cook, summary, paper, **declared)
+        clash = [p.name for p in added.params if p.name in names]
         if clash:  # every parameter is also a command-line option: names are global
             raise ValueError(f"soup method {name!r}: parameter {clash[0]} is another method's")
-        METHODS[name] = SoupMethod(name, cook, summary, paper, **declared)
+        METHODS[name] = added
         return cook
 
     return add
@@ -108,5 +92,5 @@ def method(name: str) -> SoupMethod:
     return METHODS[name]
 
 
-def all_params() -> list[Param]:
+def all_params() -> list[dataclasses.Field]:
     return [p for m in METHODS.values() for p in m.params]

@@ -4,8 +4,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from soups.options import option
 from soups.soup.core import SoupResult, StateDict
-from soups.soup.registry import Kitchen, Param, register
+from soups.soup.registry import Kitchen, register
 from soups.soup.uniform import average_all
 
 
@@ -16,11 +19,16 @@ def interpolate(soup: StateDict, start: StateDict, alpha: float) -> StateDict:
     }
 
 
+@dataclass(frozen=True)
+class WiseOptions:
+    wise_steps: int = option(10, "WiSE-FT: try alpha = 0, 1/steps, ..., 1 (1 is the uniform soup).")
+
+
 @register(
     "wise_ft",
     "interpolate between the start weights and the uniform soup, the mix picked on val",
     "Wortsman et al. 2022, Robust fine-tuning of zero-shot models (WiSE-FT): https://arxiv.org/abs/2109.01903",
-    params=(Param("wise_steps", 10, "WiSE-FT: try alpha = 0, 1/steps, ..., 1 (1 is the uniform soup)."),),
+    options=WiseOptions,
     needs_start=True,
     curve_x="alpha × 100 (0: the start weights, 100: the uniform soup)",
 )
