@@ -2,7 +2,7 @@
 entry points use (entrypoints/common.py): the same real fine-tune (the test suite's tiny timm
 model on 200 generated Fashion-MNIST images, one epoch, logged to a fresh SQLite store), run as
 `python entrypoints/finetune.py`, the two sides alternated. The teardown side only takes the
-freeze back out of the exit handlers before the step runs; everything else is the same process.
+freeze out of the step's exit; everything else is the same process.
 
 The fixed cost a step pays before and after its work is what the demo's members and the test
 suite's hundreds of step processes pay again and again."""
@@ -22,14 +22,14 @@ from bench.common import command, report
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Runs entrypoints/finetune.py as `python entrypoints/finetune.py` would, after (teardown side)
-# removing the gc.freeze exit handler that importing entrypoints.common registered.
+# Runs entrypoints/finetune.py as `python entrypoints/finetune.py` would, with (teardown side) the
+# step's freeze at exit (`entrypoints.common.freeze_at_exit`) left out.
 LAUNCH = """
-import atexit, gc, runpy, sys
+import runpy, sys
 sys.path.insert(0, {root!r})
 import entrypoints.common
 if {teardown}:
-    atexit.unregister(gc.freeze)
+    entrypoints.common.freeze_at_exit = lambda: None
 sys.argv = ["entrypoints/finetune.py", *{args!r}]
 runpy.run_path("entrypoints/finetune.py", run_name="__main__")
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 import logging
 import os
@@ -19,11 +20,6 @@ from soups.soup import all_params
 
 DEFAULT_RECIPE = "configs/demo.yaml"
 
-# A step's process ends holding torch, timm and MLflow, and Python's teardown then searches their
-# half a million objects for reference cycles: 1.3 s of a step's ~5 s fixed cost here. Frozen objects
-# are left out of that search (what they hold in cycles is freed by the OS, not by Python; the files
-# a step writes are closed by their `with`, and exit handlers, MLflow's included, still run).
-atexit.register(gc.freeze)
 
 _TYPES = {bool: click.BOOL, int: click.INT, float: click.FLOAT, str: click.STRING}
 
@@ -104,8 +100,20 @@ def given(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+@functools.cache  # once per process, however many steps it runs
+def freeze_at_exit() -> None:
+    """A step's process ends holding torch, timm and MLflow, and Python's teardown then searches
+    their half-million objects for reference cycles: 1.5 s of a tiny fine-tune's 6 s here
+    (bench/step_process.py). Objects frozen once the exit handlers registered later (MLflow's run
+    end among them) have run are left out of that search: what they hold in reference cycles is
+    freed by the OS, and their `__del__` does not run. So nothing in soups relies on `__del__` at
+    exit: every file is written under `with`, every run ended explicitly."""
+    atexit.register(gc.freeze)
+
+
 def run_cli(step: Callable[[], Any]) -> Any:
     """Run a step; a SoupsError becomes `Error: <one line>` and exit code 1, never a traceback."""
+    freeze_at_exit()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("mlflow", "alembic", "urllib3", "timm"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

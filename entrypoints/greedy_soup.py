@@ -3,6 +3,7 @@
 import click
 
 from entrypoints.common import given, method_options, recipe_options, run_cli, step_options, step_values
+from soups.options import cli_name
 from soups.recipe import load_recipe
 from soups.soup import all_params
 from soups.steps.soup.step import SoupOptions, make_soup
@@ -17,7 +18,7 @@ from soups.steps.soup.step import SoupOptions, make_soup
 @step_options(SoupOptions)
 @method_options()
 def main(recipe, **options):
-    method_params = {p.name: options.pop(p.name) for p in all_params()}
+    method_params = {cli_name(f): options.pop(f.name) for f in all_params()}
     opts = step_values(SoupOptions, options, method_params=method_params)
     data_options = given({k: options[k] for k in ("data", "layout")})
     cfg = run_cli(lambda: load_recipe(recipe, given(options)))

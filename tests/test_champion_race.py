@@ -2,10 +2,12 @@
 champion ends as the best version compared, and every version says what its promotion decided."""
 
 import os
+import queue
 import random
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import mlflow
@@ -65,46 +67,83 @@ def test_racing_soup_steps_always_leave_the_best_version_champion(tmp_path):
         client = mlflow.MlflowClient(uri)
         client.create_registered_model("raced")
         # The workers live for every round: each imports mlflow and soups once (3-5 s), not once a round.
-        workers = [
-            subprocess.Popen(
-                [sys.executable, "-c", WORKER, "raced"],
-                env=env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=(tmp_path / f"worker{k}.err").open("w"),  # a file: a full pipe would stall it
-                text=True,
-            )
-            for k in range(max(map(len, rounds)))
-        ]
-        try:
-            assert all(w.stdout.readline().strip() == "ready" for w in workers), failure(workers, tmp_path)
+        with Workers(max(map(len, rounds)), env, tmp_path) as workers:
+            assert workers.answers(len(workers.procs)) == ["ready"] * len(workers.procs)
             best = 0.0
             for vals in rounds:
                 go = time.time() + 1.5  # after every worker has created its run
-                for w, v in zip(workers, vals, strict=False):
-                    w.stdin.write(f"{v} {go}\n")
-                    w.stdin.flush()
-                decided = [w.stdout.readline().strip() for w in workers[: len(vals)]]
-                assert all(decided), failure(workers, tmp_path)
+                for k, v in enumerate(vals):
+                    workers.say(k, f"{v} {go}")
+                decided = workers.answers(len(vals))
                 best = max(best, *vals)
                 champ = tracking_champion(client)
                 assert float(champ.tags[tracking.RANK_METRIC]) == best, (vals, decided)
-        finally:
-            for w in workers:
-                w.stdin.close()
-            assert [w.wait(timeout=60) for w in workers] == [0] * len(workers), failure(workers, tmp_path)
         versions = client.search_model_versions("name = 'raced'")
         assert len(versions) == sum(len(r) for r in rounds)
         assert all(v.tags[tracking.PROMOTION] != tracking.PENDING for v in versions)
         assert not any(v.tags[tracking.PROMOTION].startswith("not decided") for v in versions)
 
 
-def failure(workers, tmp_path) -> str:
-    """What the workers said on stderr, for an assertion's message (once they have ended)."""
-    for w in workers:
-        if w.poll() is None:
-            w.kill()
-    return " | ".join((tmp_path / f"worker{k}.err").read_text()[-1500:] for k in range(len(workers)))
+class Workers:
+    """The racing processes: a line to one worker starts its round; its answers come back through
+    a reader thread each, so that a worker that hangs fails the test in 120 s, not never."""
+
+    def __init__(self, n: int, env: dict, tmp_path):
+        self.logs = [tmp_path / f"worker{k}.err" for k in range(n)]  # files: a full pipe would stall one
+        self.procs = []
+        for log in self.logs:
+            with log.open("w") as err:
+                self.procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-c", WORKER, "raced"],
+                        env=env,
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        stderr=err,
+                        text=True,
+                    )
+                )
+        self.lines = queue.Queue()
+        for k, p in enumerate(self.procs):
+            threading.Thread(
+                target=lambda k=k, p=p: [self.lines.put((k, x.strip())) for x in p.stdout], daemon=True
+            ).start()
+
+    def say(self, k: int, line: str) -> None:
+        self.procs[k].stdin.write(line + "\n")
+        self.procs[k].stdin.flush()
+
+    def answers(self, n: int, timeout: float = 120) -> list[str]:
+        """The next line of each of the first `n` workers, in worker order."""
+        got = {}
+        try:
+            while len(got) < n:
+                k, line = self.lines.get(timeout=timeout)
+                if line is None:
+                    raise AssertionError(f"worker {k} ended: {self.stderr()}")
+                got[k] = line
+        except queue.Empty:
+            raise AssertionError(f"no answer in {timeout:.0f} s: {self.stderr()}") from None
+        return [got[k] for k in range(n)]
+
+    def stderr(self) -> str:
+        return " | ".join(log.read_text()[-1500:] for log in self.logs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in self.procs:
+            p.stdin.close()
+        codes = []
+        for p in self.procs:
+            try:
+                codes.append(p.wait(timeout=60))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes.append(p.wait())
+        if exc[0] is None:  # a failure inside says more than the exit codes it caused
+            assert codes == [0] * len(codes), self.stderr()
 
 
 def tracking_champion(client):

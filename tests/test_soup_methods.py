@@ -232,7 +232,7 @@ def test_learned_soup_refuses_beyond_its_memory_limit(sweep):
 def test_method_parameters_are_checked_by_name():
     with pytest.raises(SoupsError, match="tie='sometimes' must be one of ge, strict"):
         METHODS["greedy"].resolve({"tie": "sometimes"})
-    with pytest.raises(SoupsError, match="wise_steps='many' is not a valid int"):
+    with pytest.raises(SoupsError, match="soup method wise_ft: wise_steps='many' is not a valid int"):
         METHODS["wise_ft"].resolve({"wise_steps": "many"})
     assert METHODS["wise_ft"].resolve({"wise_steps": "4", "tie": "ge"}) == {"wise_steps": 4}
 

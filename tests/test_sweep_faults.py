@@ -90,8 +90,13 @@ def test_a_worker_killed_mid_trial_is_failed_retried_and_the_sweep_completes(set
     assert parent.info.status == "FINISHED" and "best_val_accuracy" in parent.data.metrics
 
 
-def test_tpe_workers_started_together_draw_different_hyperparameters(setup):
-    args = worker(setup, "--trials", "2", "--study", "tpe", "--sampler", "tpe")
+def test_tpe_workers_started_together_draw_different_hyperparameters(setup, tmp_path):
+    # Trials of 15 epochs: long enough that the second worker, which waits for the first to name the
+    # parent run, asks while the first trains (1-epoch trials were both run by the first).
+    longer = write_recipe(
+        tmp_path / "longer.yaml", **{**yaml.safe_load(setup["recipe"].read_text()), "epochs": 15}
+    )
+    args = worker({**setup, "recipe": longer}, "--trials", "2", "--study", "tpe", "--sampler", "tpe")
     procs = [
         subprocess.Popen(
             args, cwd=ROOT, env=setup["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -100,6 +105,8 @@ def test_tpe_workers_started_together_draw_different_hyperparameters(setup):
     ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [e[-1500:] for _, e in outs]
+    ran = [out.split(";")[0] for out, _ in outs]
+    assert all(r.endswith("this worker ran 1 trial(s)") for r in ran), [(o[:200], e[-1500:]) for o, e in outs]
     trials = optuna.load_study(study_name="tpe", storage=setup["storage"]).get_trials()
     drawn = [(round(t.params["lr"], 12), t.params["seed"]) for t in trials]
     assert len(trials) == 2 and len(set(drawn)) == 2, drawn

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from soups import SoupsError
 from soups.tracking.server import CONNECT_WAIT_ENV, connect_wait_s, refused
 from tests.conftest import ROOT, TINY, write_recipe
 
@@ -27,6 +28,10 @@ def test_the_connect_wait_is_15_s_unless_the_environment_says(monkeypatch):
     assert connect_wait_s() == 15
     monkeypatch.setenv(CONNECT_WAIT_ENV, "2.5")
     assert connect_wait_s() == 2.5
+    for bad in ("nan", "inf", "0", "-3", "abc"):  # nan would wait forever, 0 never connect
+        monkeypatch.setenv(CONNECT_WAIT_ENV, bad)
+        with pytest.raises(SoupsError, match=f"SOUPS_CONNECT_WAIT_S='{bad}' must be a number of seconds"):
+            connect_wait_s()
 
 
 def test_a_server_that_accepts_but_does_not_answer_yet_is_not_refused():

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from soups import SoupsError
-from soups.options import cli_fields, filled
+from soups.options import cli_fields, cli_name, filled
 from soups.soup.core import Candidate, SoupResult, StateDict
 
 
@@ -59,8 +59,11 @@ class SoupMethod:
         return cli_fields(self.options) if self.options else []
 
     def resolve(self, given: dict[str, Any]) -> dict[str, Any]:
-        """This method's parameters: the given values (coerced and checked), else the defaults."""
-        return dataclasses.asdict(filled(self.options, given, "parameter")) if self.options else {}
+        """This method's parameters as `cook` takes them: the given values (by their command-line
+        names; coerced and checked), else the defaults."""
+        if not self.options:
+            return {}
+        return dataclasses.asdict(filled(self.options, given, f"soup method {self.name}"))
 
     def __call__(self, kitchen: Kitchen, **params: Any) -> SoupResult:
         return self.cook(kitchen, **self.resolve(params))
@@ -75,9 +78,9 @@ def register(name: str, summary: str, paper: str, **declared: Any) -> Callable:
     def add(cook: Callable[..., SoupResult]) -> Callable[..., SoupResult]:
         if name in METHODS:
             raise ValueError(f"soup method {name!r} registered twice")
-        names = [p.name for p in all_params()]
+        names = [cli_name(f) for f in all_params()]
         added = SoupMethod(name, cook, summary, paper, **declared)
-        clash = [p.name for p in added.params if p.name in names]
+        clash = [cli_name(f) for f in added.params if cli_name(f) in names]
         if clash:  # every parameter is also a command-line option: names are global
             raise ValueError(f"soup method {name!r}: parameter {clash[0]} is another method's")
         METHODS[name] = added

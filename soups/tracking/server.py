@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import math
 import os
 import re
 import socket
@@ -57,7 +58,14 @@ CONNECT_WAIT_ENV = "SOUPS_CONNECT_WAIT_S"  # overrides it (tests; a server that 
 
 
 def connect_wait_s() -> float:
-    return float(os.environ.get(CONNECT_WAIT_ENV) or CONNECT_WAIT_S)
+    given = os.environ.get(CONNECT_WAIT_ENV) or str(CONNECT_WAIT_S)
+    try:
+        wait = float(given)
+    except ValueError:
+        wait = math.nan
+    if not (math.isfinite(wait) and wait > 0):  # nan would wait forever, 0 would never connect
+        raise SoupsError(f"{CONNECT_WAIT_ENV}={given!r} must be a number of seconds above 0")
+    return wait
 
 
 def refused(uri: str, wait_s: float | None = None) -> str | None:
@@ -73,7 +81,7 @@ def refused(uri: str, wait_s: float | None = None) -> str | None:
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            with socket.create_connection((parts.hostname, port), timeout=min(5.0, wait_s)):
+            with socket.create_connection((parts.hostname, port), timeout=min(5.0, max(wait_s, 0.5))):
                 return None
         except OSError as e:
             if time.monotonic() + 1 >= deadline:
