@@ -69,6 +69,26 @@ def test_start_auto_into_an_empty_store_makes_the_start_then_the_member(
 
 
 @pytest.mark.slow
+def test_under_mlflow_run_the_member_that_made_the_start_logs_into_the_project_run(
+    recipe_path, tracking_uri, tmp_path, monkeypatch
+):
+    """`mlflow run . -e finetune` into an empty store: the run MLflow made for the process (in the
+    experiment it chose, here not the recipe's) is the member's, and the start goes beside it.
+    MLflow's end_run of the start used to forget that run: the member went to the recipe's
+    experiment and MLflow's run stayed empty."""
+    monkeypatch.setenv("SOUPS_CACHE", str(tmp_path / "cache"))
+    client = mlflow.MlflowClient()
+    chosen = client.create_experiment("chosen by mlflow run")
+    project = client.create_run(chosen).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", project)
+    member = finetune(load_recipe(recipe_path, {"i": 3, "start": "auto"}))
+    assert member == project and tracking.role_of(tracking.get_run(project)) == "ingredient"
+    (start,) = client.search_runs([chosen], "tags.`soups.role` = 'start'")
+    assert tracking.get_run(member).data.tags[tracking.START_RUN] == start.info.run_id
+    assert client.get_experiment_by_name("starts") is None, "nothing went to the recipe's experiment"
+
+
+@pytest.mark.slow
 def test_a_start_whose_process_died_is_taken_over_not_waited_for(
     recipe_path, tracking_uri, tmp_path, monkeypatch
 ):

@@ -74,7 +74,8 @@ def start(
     (`soups.Stopped`). With `resume`, that run is reopened instead and keeps its name; with
     `claimed`, the run this process created beforehand (a start it claimed) is the one."""
     configure()
-    run_id = claimed or (None if parent else os.environ.get("MLFLOW_RUN_ID"))
+    project_run = os.environ.get("MLFLOW_RUN_ID")
+    run_id = claimed or (None if parent else project_run)
     kw = {"log_system_metrics": True} if system_metrics else {}
     if resume:
         active, run_id, name = reopen(resume, **kw), resume, ""
@@ -87,11 +88,21 @@ def start(
     else:
         active = mlflow.start_run(experiment_id=ensure_experiment(experiment), run_name=name or None, **kw)
     try:
+        yield from _started(active, role, tags, run_id, name, experiment_note)
+    finally:
+        if claimed and project_run:
+            # MLflow's end_run forgets the run `mlflow run` made for this process: the member that
+            # made this start (start: auto) still logs into that run, in that run's experiment.
+            os.environ["MLFLOW_RUN_ID"] = project_run
+
+
+def _started(active, role: str, tags: dict | None, run_id: str | None, name: str, note: str) -> Iterator[Run]:
+    try:
         mlflow.set_tags({ROLE: role, **(tags or {})})
         run = Run(active.info.run_id, named_by_user=bool(run_id) and not generated_name(active.info.run_name))
         if name:
             run.rename(name)
-        describe_experiment(active.info.experiment_id, experiment_note)
+        describe_experiment(active.info.experiment_id, note)
         yield run
     except Stopped as e:
         _end("KILLED", {STOPPED: str(e)})
