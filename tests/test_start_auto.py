@@ -82,7 +82,9 @@ def test_under_mlflow_run_the_member_that_made_the_start_logs_into_the_project_r
     project = client.create_run(chosen).info.run_id
     monkeypatch.setenv("MLFLOW_RUN_ID", project)
     member = finetune(load_recipe(recipe_path, {"i": 3, "start": "auto"}))
-    assert member == project and tracking.role_of(tracking.get_run(project)) == "ingredient"
+    assert member == project
+    assert tracking.role_of(tracking.get_run(project)) == "ingredient"
+    assert len(client.search_runs([chosen])) == 2, "the start and the member, nothing else"
     (start,) = client.search_runs([chosen], "tags.`soups.role` = 'start'")
     assert tracking.get_run(member).data.tags[tracking.START_RUN] == start.info.run_id
     assert client.get_experiment_by_name("starts") is None, "nothing went to the recipe's experiment"

@@ -97,6 +97,8 @@ def start(
 
 
 def _started(active, role: str, tags: dict | None, run_id: str | None, name: str, note: str) -> Iterator[Run]:
+    """The body of `start` once MLflow's run is active: tag, name and describe it, then end it
+    with the status the step's outcome says."""
     try:
         mlflow.set_tags({ROLE: role, **(tags or {})})
         run = Run(active.info.run_id, named_by_user=bool(run_id) and not generated_name(active.info.run_name))
