@@ -91,10 +91,10 @@ def test_a_worker_killed_mid_trial_is_failed_retried_and_the_sweep_completes(set
 
 
 def test_tpe_workers_started_together_draw_different_hyperparameters(setup, tmp_path):
-    # Trials of 15 epochs: long enough that the second worker, which waits for the first to name the
-    # parent run, asks while the first trains (1-epoch trials were both run by the first).
+    # Trials of 6 epochs (2-4 s here): the second worker, which waits for the first to name the
+    # parent run (0.6-1 s later), asks while the first trains (1-epoch trials were both run by the first).
     longer = write_recipe(
-        tmp_path / "longer.yaml", **{**yaml.safe_load(setup["recipe"].read_text()), "epochs": 15}
+        tmp_path / "longer.yaml", **{**yaml.safe_load(setup["recipe"].read_text()), "epochs": 6}
     )
     args = worker({**setup, "recipe": longer}, "--trials", "2", "--study", "tpe", "--sampler", "tpe")
     procs = [

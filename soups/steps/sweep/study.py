@@ -198,5 +198,5 @@ def wait_for(study: optuna.Study, attr: str, wait_s: float):
                 f"study {study.study_name} has no {attr} after {wait_s:.0f} s: its creator died before "
                 "naming the parent run; start again with another -P study="
             )
-        time.sleep(1.0)
+        time.sleep(0.25)  # a worker that joins late draws its first trial late: keep the wait short
     return study.user_attrs[attr]
